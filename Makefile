@@ -1,0 +1,33 @@
+# One entry point for a fresh machine with only Python 3.11 and make:
+#   make test     create .venv, install everything, run the whole suite
+# Re-running is quick: the install step is redone only when pyproject.toml or this file changes.
+PYTHON ?= python3.11
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FACENET := facenet-pytorch==2.6.0
+
+.PHONY: install test unit clean
+
+$(STAMP): pyproject.toml Makefile
+	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	# facenet-pytorch pins torch<2.3, numpy<2 and Pillow<10.3 but runs on current versions:
+	# install it without its pins; its real needs (requests, tqdm) come from pyproject.toml.
+	$(BIN)/python -m pip install --quiet --no-deps $(FACENET)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# pytest exits 5 when it collected no test: that is a failure here, said in words.
+test: install
+	@$(BIN)/python -m pytest tests; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
+
+unit: install
+	$(BIN)/python -m pytest tests -m unit
+
+clean:
+	rm -rf $(VENV) build *.egg-info

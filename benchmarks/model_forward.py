@@ -1,0 +1,47 @@
+"""Model forward speed on CPU, one thread: crop triplets per second, batched against one at a time.
+
+    .venv/bin/python benchmarks/model_forward.py [--variant full] [--seconds 3]
+
+The same-run baseline is the unbatched forward (batch 1); the paper reports 0.0126 s per image on a Xeon.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from c3ae_ray.model import VARIANTS, C3AE
+
+PAPER_SECONDS_PER_IMAGE = 0.0126
+
+
+def triplets_per_second(model: C3AE, batch_size: int, seconds: float) -> float:
+    crops = torch.randint(0, 256, (batch_size, 3, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        model(crops)  # warm-up
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds:
+            model(crops)
+            done += batch_size
+    return done / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", default="full", choices=list(VARIANTS))
+    parser.add_argument("--seconds", type=float, default=3.0)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    model = C3AE(VARIANTS[args.variant]).eval()
+    baseline = triplets_per_second(model, 1, args.seconds)
+    print(f"variant {args.variant}, 1 thread, torch {torch.__version__}")
+    print(f"batch    1: {baseline:9.0f} triplets/s  (baseline; paper: {1 / PAPER_SECONDS_PER_IMAGE:.0f} images/s)")
+    for batch_size in (16, 64, 256):
+        rate = triplets_per_second(model, batch_size, args.seconds)
+        print(f"batch {batch_size:4d}: {rate:9.0f} triplets/s  ({rate / baseline:.2f}x batch 1)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The `c3ae` command as a user types it."""
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import c3ae_ray
+
+C3AE = str(Path(sys.executable).with_name("c3ae"))
+
+
+def run(*args):
+    return subprocess.run([C3AE, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_version():
+    result = run("--version")
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"c3ae {c3ae_ray.__version__}"
+
+
+def test_help_lists_only_working_commands():
+    result = run("--help")
+    assert result.returncode == 0
+    listed = re.findall(r"^    (\w+)\s", result.stdout, flags=re.M)
+    assert listed == ["summary"]
+    for command in listed:
+        assert run(command, "--help").returncode == 0
+
+
+def test_summary_prints_every_variant_with_counts_and_file_size():
+    result = run("summary")
+    assert result.returncode == 0, result.stderr
+    for variant in ("full", "plain", "no-context", "no-cascade", "no-se"):
+        assert f"== {variant} (" in result.stdout
+    totals = [int(t.replace(",", "")) for t in re.findall(r"total trainable parameters: ([\d,]+)", result.stdout)]
+    assert totals[:2] == [39_781, 36_565]
+    assert "trunk.feat" in result.stdout and "6,156" in result.stdout
+    sizes = [int(s.replace(",", "")) for s in re.findall(r"saved model file: ([\d,]+) bytes", result.stdout)]
+    assert len(sizes) == 5 and all(size < 250_000 for size in sizes)
+
+
+def test_unknown_command_and_missing_command_fail_with_a_message():
+    for args in ([], ["frobnicate"]):
+        result = run(*args)
+        assert result.returncode == 2
+        assert "usage: c3ae" in result.stderr and "error:" in result.stderr

@@ -1,0 +1,141 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from c3ae_ray.crops import CropConfig, context_boxes, cut_region, face_crops, region_bounds, sample_crops
+
+
+def gradient_image(height=256, width=256) -> np.ndarray:
+    """Red = x, green = y: every pixel says where it is, and bilinear sampling of it is exact."""
+    ys, xs = np.mgrid[0:height, 0:width]
+    return np.stack([xs, ys, np.zeros_like(xs)], axis=-1).astype(np.uint8)
+
+
+def smooth_image(seed=0, size=120) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (size // 8, size // 8, 3)).astype(np.float32)
+    return np.clip(
+        F.interpolate(torch.from_numpy(small).permute(2, 0, 1)[None], size=(size, size), mode="bicubic")[0]
+        .permute(1, 2, 0)
+        .numpy(),
+        0,
+        255,
+    ).astype(np.uint8)
+
+
+def test_default_geometry():
+    cfg = CropConfig()
+    assert cfg.scales == (1.0, 1.5, 2.0) and cfg.size == 64
+    assert cfg.region_size == 154  # 64 px face, 2x context, 10% margin each side
+    assert CropConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_context_boxes_are_squares_on_the_longer_side():
+    boxes = context_boxes([10, 10, 50, 90])  # 40 wide, 80 high, centre (30, 50)
+    np.testing.assert_allclose(boxes, [[-10, 10, 70, 90], [-30, -10, 90, 110], [-50, -30, 110, 130]])
+
+
+def test_crops_have_exact_expected_pixels():
+    image = gradient_image()
+    crops = face_crops(image, [96, 96, 160, 160])
+    assert crops.shape == (3, 64, 64, 3) and crops.dtype == np.uint8
+    j = np.arange(64)
+    for scale, crop in zip((1.0, 1.5, 2.0), crops):
+        side = 64 * scale
+        start = 128 - side / 2
+        # pixel centres of the box, in the image's pixel-centre coordinates; the image is linear, so exact
+        expected = np.floor(start + (j + 0.5) * side / 64 - 0.5 + 0.5)
+        np.testing.assert_array_equal(crop[0, :, 0], expected)  # red follows x along a row
+        np.testing.assert_array_equal(crop[:, 0, 1], expected)  # green follows y down a column
+        assert (crop[:, :, 2] == 0).all()
+    np.testing.assert_array_equal(crops[0, 5, 7], [96 + 7, 96 + 5, 0])  # scale 1: pixels copied 1:1
+
+
+def test_region_mirrors_the_image_at_the_border():
+    image = gradient_image()
+    region, boxes = cut_region(image, [0, 100, 64, 164])  # side 154 == region size: no resampling
+    assert region_bounds([0, 100, 64, 164]) == (-45, 55, 154)
+    np.testing.assert_array_equal(region[0, :46, 0], np.r_[np.arange(44, -1, -1), 0])  # ...2 1 0 | 0 1...
+    np.testing.assert_array_equal(region[0, 45:60, 0], np.arange(0, 15))
+    np.testing.assert_allclose(boxes[0], [45, 45, 109, 109])
+
+
+@pytest.mark.parametrize(
+    "box",
+    [
+        [-20, 30, 25, 80],  # left
+        [90, 30, 130, 80],  # right
+        [40, -30, 80, 15],  # top
+        [40, 95, 80, 140],  # bottom
+        [-50, -50, 170, 170],  # all four, and far past them
+    ],
+)
+def test_reflect_padding_at_every_border(box):
+    image = smooth_image(seed=1)[:110, :120]
+    pad = 400
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
+    shifted = np.asarray(box) + pad
+    np.testing.assert_array_equal(face_crops(image, box), face_crops(padded, shifted))
+
+
+def test_tiny_and_non_square_boxes():
+    image = smooth_image(seed=2)
+    for box in ([50, 50, 51, 51], [50.2, 50.2, 50.5, 50.9], [10, 10, 12, 90], [0, 0, 119, 3]):
+        crops = face_crops(image, box)
+        assert crops.shape == (3, 64, 64, 3)
+
+
+@pytest.mark.parametrize("box", [[10, 10, 10, 20], [10, 10, 5, 20], [0, 0, np.nan, 5], [1, 2, 3]])
+def test_invalid_boxes_are_rejected(box):
+    with pytest.raises(ValueError, match="face box"):
+        face_crops(smooth_image(), box)
+
+
+def test_gray_rgba_and_16_bit_inputs_are_converted():
+    rgb = smooth_image(seed=3)
+    gray = rgb[:, :, 1]
+    box = [30, 30, 80, 90]
+    np.testing.assert_array_equal(face_crops(gray, box), face_crops(np.dstack([gray] * 3), box))
+    np.testing.assert_array_equal(face_crops(gray[:, :, None], box), face_crops(np.dstack([gray] * 3), box))
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 7, np.uint8)])
+    np.testing.assert_array_equal(face_crops(rgba, box), face_crops(rgb, box))
+    sixteen = rgb.astype(np.uint16) * 257
+    np.testing.assert_array_equal(face_crops(sixteen, box), face_crops(rgb, box))
+
+
+@pytest.mark.parametrize("bad", [np.zeros((10, 10, 2), np.uint8), np.zeros((0, 5, 3), np.uint8), np.zeros(5, np.uint8)])
+def test_unusable_arrays_are_rejected(bad):
+    with pytest.raises(ValueError, match="expected an image"):
+        face_crops(bad, [0, 0, 2, 2])
+
+
+def test_geometry_does_not_depend_on_image_resolution():
+    """A face photographed 8x larger gives nearly the same crops (area filter when shrinking)."""
+    small = smooth_image(seed=4)
+    large = np.asarray(torch.nn.functional.interpolate(
+        torch.from_numpy(small).permute(2, 0, 1)[None].float(), scale_factor=8, mode="nearest"
+    )[0].permute(1, 2, 0).numpy(), dtype=np.uint8)
+    box = np.array([40, 35, 80, 85])
+    difference = np.abs(face_crops(small, box).astype(int) - face_crops(large, box * 8).astype(int))
+    assert difference.mean() < 3, difference.mean()
+
+
+def test_sample_crops_equals_grid_sample():
+    """The contract with training's batched augmentation: bilinear, reflection, align_corners=False."""
+    rng = np.random.default_rng(5)
+    region = rng.integers(0, 256, (154, 154, 3)).astype(np.uint8)
+    boxes = np.array([[45, 45, 109, 109], [-30, 10, 100, 140], [100.3, -20.7, 190.1, 69.1]], np.float32)
+    crops = sample_crops(region, boxes)
+    size, n = 64, region.shape[0]
+    centres = (torch.arange(size, dtype=torch.float64) + 0.5) / size
+    grids = []
+    for x1, y1, x2, y2 in boxes.astype(np.float64):
+        xs = x1 + centres * (x2 - x1) - 0.5
+        ys = y1 + centres * (y2 - y1) - 0.5
+        gx, gy = (2 * xs + 1) / n - 1, (2 * ys + 1) / n - 1
+        grids.append(torch.stack(torch.meshgrid(gy, gx, indexing="ij")[::-1], dim=-1))
+    image = torch.from_numpy(region).permute(2, 0, 1)[None].double().expand(len(boxes), -1, -1, -1)
+    sampled = F.grid_sample(image, torch.stack(grids), mode="bilinear", padding_mode="reflection", align_corners=False)
+    difference = np.abs(sampled.permute(0, 2, 3, 1).numpy() - crops.astype(np.float64))
+    assert difference.max() <= 0.5 + 1e-6  # rounding to uint8 only
