@@ -15,6 +15,68 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _preprocess(args: argparse.Namespace) -> int:
+    from c3ae_ray.preprocess import PreprocessConfig, format_summary, preprocess
+
+    cfg = PreprocessConfig(
+        dataset=args.dataset,
+        root=args.root,
+        out=args.out,
+        csv=args.csv,
+        device=args.device,
+        detectors=args.detectors,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        min_face_score=args.min_face_score,
+        min_age=args.min_age,
+        max_age=args.max_age,
+        mat_min_face_score=None if args.mat_min_face_score < 0 else args.mat_min_face_score,
+        drop_second_face=not args.keep_second_face,
+        max_pixels=args.max_pixels,
+        overwrite=args.overwrite,
+    )
+    print(format_summary(preprocess(cfg)))
+    return 0
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _add_preprocess(commands) -> None:
+    from c3ae_ray.datasets import DATASETS
+    from c3ae_ray.images import DEFAULT_MAX_PIXELS
+
+    parser = commands.add_parser(
+        "preprocess",
+        help="dataset -> MTCNN -> face regions -> Parquet (Ray Data)",
+        description="Detect faces in a face-age dataset and write one Parquet row per usable face, with a "
+        "summary.json of counts. Runs on a local Ray, or the cluster at RAY_ADDRESS.",
+    )
+    parser.add_argument("--dataset", required=True, choices=DATASETS)
+    parser.add_argument("--root", required=True, help="the dataset's folder as published")
+    parser.add_argument("--out", required=True, help="output folder: a local path or s3://bucket/prefix")
+    parser.add_argument("--csv", help="folder layout: labels CSV with columns path,age[,subject] (default ROOT/labels.csv)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--detectors", type=_positive_int, help="MTCNN actors (default: one per CPU, or per GPU)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per detector batch")
+    parser.add_argument("--limit", type=_positive_int, help="only the first N images (sorted by path)")
+    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability for a face to count")
+    parser.add_argument("--min-age", type=float, default=0.0)
+    parser.add_argument("--max-age", type=float, default=120.0)
+    parser.add_argument(
+        "--mat-min-face-score", type=float, default=1.0,
+        help="IMDB-WIKI: minimum face_score from the .mat (negative: keep all)",
+    )
+    parser.add_argument("--keep-second-face", action="store_true", help="IMDB-WIKI: keep images with a second face")
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="larger images are skipped")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    parser.set_defaults(run=_preprocess)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="c3ae",
@@ -26,12 +88,18 @@ def build_parser() -> argparse.ArgumentParser:
         "summary", help="print each model variant layer by layer with parameter counts (paper Table 1)"
     )
     summary.set_defaults(run=_summary)
+    _add_preprocess(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can fix (bad input, existing output, nothing usable) print one line and exit 1."""
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

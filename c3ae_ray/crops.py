@@ -82,7 +82,7 @@ def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig()) -> t
     height, width = image.shape[:2]
     rows = _reflect_index(np.arange(y1, y1 + side), height)
     cols = _reflect_index(np.arange(x1, x1 + side), width)
-    patch = image[rows[:, None], cols[None, :]]
+    patch = np.take(np.take(image, rows, axis=0), cols, axis=1)
     size = cfg.region_size
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     region = cv2.resize(patch, (size, size), interpolation=interpolation) if side != size else patch

@@ -1,7 +1,11 @@
-"""Turning whatever image arrays callers hold into the RGB uint8 (H, W, 3) that every stage works on."""
+"""Turning encoded bytes, or whatever image arrays callers hold, into the RGB uint8 (H, W, 3) that every stage works on."""
 
 from __future__ import annotations
 
+import io
+import warnings
+
+import cv2
 import numpy as np
 
 
@@ -26,3 +30,53 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     elif image.shape[2] == 4:
         image = image[:, :, :3]
     return np.ascontiguousarray(image)
+
+
+DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: larger inputs are refused before they are decoded
+
+
+class ImageError(ValueError):
+    """An input that is not a usable image; `reason` is a short code for counts and error rows."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the header alone, or None when Pillow cannot identify the format.
+
+    Pillow refuses headers over twice its own limit (about 179 Mpx) outright: those are too large here too.
+    """
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as header:
+                return header.size
+    except Image.DecompressionBombError as error:
+        raise ImageError("too_large", str(error)) from None
+    except Exception:
+        return None
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Encoded bytes -> RGB uint8 (H, W, 3), EXIF orientation applied; raises ImageError.
+
+    The pixel cap is checked on the header before decoding, so a decompression bomb costs nothing.
+    OpenCV decodes (ANYDEPTH | ANYCOLOR keeps 16-bit and gray, and honours EXIF orientation).
+    """
+    if not data:
+        raise ImageError("empty", "empty file")
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > max_pixels:
+        raise ImageError("too_large", f"{size[0]}x{size[1]} pixels is over the cap of {max_pixels:,}")
+    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    if decoded is None or decoded.size == 0:
+        raise ImageError("undecodable", "not a decodable image (corrupt, truncated or unsupported format)")
+    if decoded.shape[0] * decoded.shape[1] > max_pixels:
+        raise ImageError("too_large", f"{decoded.shape[1]}x{decoded.shape[0]} pixels is over the cap of {max_pixels:,}")
+    if decoded.ndim == 3:
+        decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
+    return to_rgb_uint8(decoded)

@@ -1,0 +1,34 @@
+"""Where stages run: the cluster at RAY_ADDRESS when it is set, else an embedded local Ray sized for this machine."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+
+@contextlib.contextmanager
+def ray_runtime(num_cpus: int | None = None):
+    """Connect (or start) Ray for one stage; leave a Ray that was already running untouched.
+
+    Local Ray gets a fixed CPU count and a capped object store so it behaves the same on a laptop and in
+    CI (Ray Data otherwise sizes itself from the whole machine); RAY_ADDRESS connects to a cluster instead.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield ray
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
+    else:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        ray.init(
+            num_cpus=num_cpus or os.cpu_count(),
+            object_store_memory=int(min(2 * 2**30, memory * 0.2)),
+            include_dashboard=False,
+            configure_logging=False,
+        )
+    try:
+        yield ray
+    finally:
+        ray.shutdown()

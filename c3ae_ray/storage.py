@@ -1,0 +1,143 @@
+"""Local paths and object-store URIs (s3://, gs://) behind one interface, and publishing outputs whole.
+
+Every stage writes its output into a staging folder beside the destination and publishes it only when it
+is complete, with `summary.json` written last: a crash leaves a `*.partial-*` folder that no reader takes
+for a finished dataset, and an existing output is replaced only once the new one is whole. On local disks
+publishing is a directory rename (atomic); object stores have no rename, so files are moved one by one and
+`summary.json` (which readers require) goes last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+SUMMARY = "summary.json"
+
+
+class OutputExistsError(FileExistsError):
+    pass
+
+
+def resolve(location: str) -> tuple[pafs.FileSystem, str]:
+    """'s3://bucket/key' or a local path -> (pyarrow filesystem, path on it).
+
+    An `AWS_ENDPOINT_URL` (or `AWS_ENDPOINT_URL_S3`) in the environment points S3 at another server
+    (MinIO, a loopback test server), as the AWS tools do; its credentials are then taken from the
+    environment into the filesystem object, so Ray workers that unpickle it need no environment of their own.
+    """
+    if "://" not in location:
+        return pafs.LocalFileSystem(), str(Path(location).resolve())
+    if location.startswith("s3://"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            scheme, _, host = endpoint.partition("://")
+            filesystem = pafs.S3FileSystem(
+                endpoint_override=host or scheme,
+                scheme=scheme if host else "https",
+                region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"),
+                access_key=os.environ.get("AWS_ACCESS_KEY_ID"),
+                secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                allow_bucket_creation=True,
+            )
+            return filesystem, location[len("s3://"):].rstrip("/")
+    filesystem, path = pafs.FileSystem.from_uri(location)
+    return filesystem, path.rstrip("/")
+
+
+def is_local(filesystem: pafs.FileSystem) -> bool:
+    return isinstance(filesystem, pafs.LocalFileSystem)
+
+
+def exists(filesystem: pafs.FileSystem, path: str) -> bool:
+    return filesystem.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_nonempty(filesystem: pafs.FileSystem, path: str) -> bool:
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.File:
+        return True
+    if info.type != pafs.FileType.Directory:
+        return False
+    return bool(filesystem.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def check_writable(filesystem: pafs.FileSystem, path: str, overwrite: bool) -> None:
+    """Refuse up front (before any work) to write over an existing output unless asked to replace it."""
+    if is_nonempty(filesystem, path) and not overwrite:
+        raise OutputExistsError(f"{path} already exists and is not empty: pass --overwrite to replace it")
+
+
+def staging_path(path: str) -> str:
+    return f"{path}.partial-{uuid.uuid4().hex[:8]}"
+
+
+def files_under(filesystem: pafs.FileSystem, path: str) -> list[str]:
+    infos = filesystem.get_file_info(pafs.FileSelector(path, recursive=True, allow_not_found=True))
+    return sorted(info.path for info in infos if info.type == pafs.FileType.File)
+
+
+def move_tree(filesystem: pafs.FileSystem, source: str, destination: str) -> None:
+    """Rename a folder (local) or move its files one by one (object stores have no folder rename)."""
+    if is_local(filesystem):
+        Path(destination).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, destination)
+        return
+    for file in files_under(filesystem, source):
+        filesystem.move(file, destination + file[len(source):])
+    filesystem.delete_dir_contents(source, missing_dir_ok=True)
+
+
+def delete_tree(filesystem: pafs.FileSystem, path: str) -> None:
+    info = filesystem.get_file_info(path)
+    if info.type == pafs.FileType.Directory:
+        filesystem.delete_dir(path)
+    elif info.type == pafs.FileType.File:
+        filesystem.delete_file(path)
+
+
+def write_json(filesystem: pafs.FileSystem, path: str, value) -> None:
+    with filesystem.open_output_stream(path) as stream:
+        stream.write(json.dumps(value, indent=2, sort_keys=False).encode() + b"\n")
+
+
+def read_json(filesystem: pafs.FileSystem, path: str):
+    with filesystem.open_input_stream(path) as stream:
+        return json.loads(stream.read())
+
+
+def publish(filesystem: pafs.FileSystem, staging: str, destination: str, summary: dict, overwrite: bool) -> None:
+    """Write summary.json into the complete staging folder, then put it at `destination`.
+
+    The old output (if any, and `overwrite`) is set aside first and deleted only after the new one is in place.
+    """
+    if is_local(filesystem):
+        write_json(filesystem, f"{staging}/{SUMMARY}", summary)
+        old = None
+        if exists(filesystem, destination):
+            check_writable(filesystem, destination, overwrite)
+            old = staging_path(destination) + ".old"
+            os.replace(destination, old)
+        move_tree(filesystem, staging, destination)
+        if old:
+            delete_tree(filesystem, old)
+        return
+    if exists(filesystem, destination):
+        check_writable(filesystem, destination, overwrite)
+        delete_tree(filesystem, destination)
+    move_tree(filesystem, staging, destination)
+    write_json(filesystem, f"{destination}/{SUMMARY}", summary)
+
+
+def require_complete(location: str) -> tuple[pafs.FileSystem, str, dict]:
+    """A stage's output that a reader may use: it must hold summary.json (written last). -> (fs, path, summary)."""
+    filesystem, path = resolve(location)
+    if not exists(filesystem, path):
+        raise FileNotFoundError(f"{location} does not exist")
+    if not exists(filesystem, f"{path}/{SUMMARY}"):
+        raise ValueError(f"{location} has no {SUMMARY}: it is not a finished output (a crashed or running job?)")
+    return filesystem, path, read_json(filesystem, f"{path}/{SUMMARY}")

@@ -1,0 +1,156 @@
+"""`preprocess` on the session's local Ray: every layout, counts on known bad files, reruns, S3 output."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from c3ae_ray import storage
+from c3ae_ray.crops import CropConfig, sample_crops, face_crops
+from c3ae_ray.images import decode_image
+from c3ae_ray.preprocess import STATUSES, NoUsableImagesError, PreprocessConfig, preprocess
+from tests import fixtures
+from tests.bad_files import write_bad_files
+
+
+def run(dataset: str, root, out, **options) -> dict:
+    options.setdefault("detectors", 1)
+    return preprocess(PreprocessConfig(dataset=dataset, root=str(root), out=str(out), **options))
+
+
+def faces_table(out: Path):
+    return pq.read_table(out / "faces")
+
+
+def skipped_table(out: Path):
+    return pads.dataset(out / "skipped", format="parquet", partitioning="hive").to_table()
+
+
+def assert_consistent(summary: dict, out: Path) -> None:
+    assert summary["seen"] == sum(summary[status] for status in STATUSES)
+    assert faces_table(out).num_rows == summary["kept"]
+    if summary["seen"] > summary["kept"]:
+        assert skipped_table(out).num_rows == summary["seen"] - summary["kept"]
+    assert storage.read_json(*storage.resolve(str(out / "summary.json"))) == summary
+    assert not list(out.parent.glob(f"{out.name}.partial-*")), "staging folders are cleaned up"
+
+
+@pytest.mark.parametrize("layout", ["wiki", "imdb", "utkface", "fgnet"])
+def test_each_published_layout(ray_session, shared_data, tmp_path, layout):
+    built = getattr(fixtures, f"make_{layout}")(tmp_path / "data", shared_data / "utkface")
+    summary = run(layout, built["root"], tmp_path / "out")
+    assert_consistent(summary, tmp_path / "out")
+    expected = {r["path"]: r for r in built["records"]}
+    assert summary["seen"] == len(expected)
+    assert summary["skipped_by_reader"] == built["skipped"]
+    faces = faces_table(tmp_path / "out").to_pylist()
+    assert summary["kept"] >= len(expected) - 3  # a UTKFace crop can lose its face at most rarely
+    for row in faces:
+        want = expected[row["path"]]
+        assert (row["dataset"], row["subject"], row["gender"]) == (want["dataset"], want["subject"], want["gender"])
+        assert row["age"] == pytest.approx(want["age"])
+    if layout in ("wiki", "imdb"):
+        missing = [r for r in skipped_table(tmp_path / "out").to_pylist() if r["path"] == built["missing"]]
+        assert [(r["status"], r["reason"].split(":")[0]) for r in missing] == [("unreadable", "read_error")]
+        assert summary["bad_age"] == 1  # the entry with an invalid dob
+    if layout == "fgnet":
+        assert {row["subject"] for row in faces} == {r["subject"] for r in built["records"]}
+
+
+def test_rows_hold_the_region_that_crops_cuts(ray_session, shared_data, tmp_path):
+    built = fixtures.make_fgnet(tmp_path / "data", shared_data / "utkface", subjects=1, per_subject=3)
+    run("fgnet", built["root"], tmp_path / "out")
+    cfg = CropConfig()
+    for row in faces_table(tmp_path / "out").to_pylist():
+        region = decode_image(row["region_jpeg"])
+        assert region.shape == (cfg.region_size, cfg.region_size, 3)
+        boxes = np.asarray(row["region_boxes"], np.float32).reshape(3, 4)
+        from_row = sample_crops(region, boxes, cfg.size).astype(int)
+        from_image = face_crops(decode_image(Path(row["path"]).read_bytes()), row["face_box"], cfg).astype(int)
+        assert np.abs(from_row - from_image).mean() < 3  # JPEG round trip only
+        assert len(row["landmarks"]) == 10 and 0.9 <= row["face_score"] <= 1.0
+        assert (row["image_width"], row["image_height"]) == (200, 200)
+
+
+def test_counts_on_a_folder_with_known_bad_files(ray_session, shared_data, tmp_path):
+    root = tmp_path / "data"
+    faces = shared_data / "faces"
+    root.mkdir()
+    for name in ("ivan.jpg", "multiface.jpg", "no-faces.jpg"):
+        shutil.copy(faces / name, root / name)
+    expected_reasons = write_bad_files(root / "bad", (faces / "ivan.jpg").read_bytes())
+    upright = cv2.imread(str(faces / "ivan.jpg"))
+    gray16 = cv2.cvtColor(upright, cv2.COLOR_BGR2GRAY).astype(np.uint16) * 257
+    cv2.imwrite(str(root / "ivan_gray16.png"), gray16)
+    # stored on its side with EXIF orientation 6 ("rotate 90 clockwise to show"): found only if EXIF is honoured
+    sideways = Image.fromarray(cv2.cvtColor(cv2.rotate(upright, cv2.ROTATE_90_COUNTERCLOCKWISE), cv2.COLOR_BGR2RGB))
+    exif = sideways.getexif()
+    exif[0x0112] = 6
+    sideways.save(root / "ivan_exif.jpg", exif=exif, quality=95)
+    summary = run("folder", root, tmp_path / "out")
+    assert_consistent(summary, tmp_path / "out")
+    assert (summary["kept"], summary["multi_face"], summary["no_face"], summary["bad_age"]) == (3, 1, 1, 0)
+    assert summary["unreadable"] == len(expected_reasons)
+    assert summary["unreadable_reasons"] == {"empty": 1, "undecodable": 3, "too_large": 1}
+    by_name = {Path(r["path"]).name: r for r in skipped_table(tmp_path / "out").to_pylist()}
+    for name, reason in expected_reasons.items():
+        assert by_name[name]["reason"].startswith(reason)
+    assert by_name["multiface.jpg"]["n_faces"] >= 5
+    kept = {Path(r["path"]).name: r for r in faces_table(tmp_path / "out").to_pylist()}
+    assert set(kept) == {"ivan.jpg", "ivan_gray16.png", "ivan_exif.jpg"}
+    assert (kept["ivan_exif.jpg"]["image_width"], kept["ivan_exif.jpg"]["image_height"]) == (561, 561)
+    np.testing.assert_allclose(kept["ivan_exif.jpg"]["face_box"], kept["ivan.jpg"]["face_box"], atol=3)
+    assert all(r["age"] is None for r in kept.values())  # an unlabelled folder
+
+
+def test_reruns_refuse_or_replace_never_duplicate(ray_session, shared_data, tmp_path):
+    built = fixtures.make_fgnet(tmp_path / "data", shared_data / "utkface", subjects=1, per_subject=3)
+    out = tmp_path / "out"
+    first = run("fgnet", built["root"], out)
+    before = faces_table(out).num_rows
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        run("fgnet", built["root"], out)
+    second = run("fgnet", built["root"], out, overwrite=True)
+    assert faces_table(out).num_rows == before == first["kept"] == second["kept"]
+    assert_consistent(second, out)
+
+
+def test_age_range_is_configurable_and_nothing_usable_is_an_error(ray_session, shared_data, tmp_path):
+    built = fixtures.make_fgnet(tmp_path / "data", shared_data / "utkface", subjects=2, per_subject=3)
+    ages = sorted(r["age"] for r in built["records"])
+    summary = run("fgnet", built["root"], tmp_path / "out", max_age=ages[2])
+    assert summary["bad_age"] == sum(age > ages[2] for age in ages)
+    assert_consistent(summary, tmp_path / "out")
+    with pytest.raises(NoUsableImagesError, match="no usable image"):
+        run("fgnet", built["root"], tmp_path / "none", min_age=200)
+    assert not (tmp_path / "none").exists()
+    assert not list(tmp_path.glob("none.partial-*"))
+
+
+def test_output_to_s3_on_a_loopback_server(ray_session, shared_data, tmp_path, s3_server):
+    built = fixtures.make_fgnet(tmp_path / "data", shared_data / "utkface", subjects=1, per_subject=3)
+    summary = run("fgnet", built["root"], "s3://c3ae-test/preprocessed/fgnet")
+    filesystem, path, written = storage.require_complete("s3://c3ae-test/preprocessed/fgnet")
+    assert written == summary
+    files = storage.files_under(filesystem, f"{path}/faces")
+    rows = sum(pq.ParquetFile(filesystem.open_input_file(f)).metadata.num_rows for f in files)
+    assert rows == summary["kept"] >= 2
+    assert not storage.files_under(filesystem, "c3ae-test/preprocessed/fgnet.partial")
+
+
+@pytest.mark.timeout(900)
+def test_detection_check_on_every_shared_utkface_image(ray_session, shared_data, tmp_path):
+    """At least 98% of the shared UTKFace images are kept with exactly one face."""
+    summary = run("utkface", shared_data / "utkface", tmp_path / "out", detectors=2)
+    assert summary["seen"] == 7807
+    assert summary["kept"] / summary["seen"] >= 0.98, summary
+    assert summary["unreadable"] == 0
+    assert math.isclose(summary["kept"] + summary["no_face"] + summary["multi_face"], 7807)

@@ -1,0 +1,96 @@
+"""The MTCNN wrapper on real photos: the detection check, mixed-size batches, boxes mapped back exactly."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from c3ae_ray.detect import DetectorConfig, FaceDetector, detection_scale
+from c3ae_ray.images import decode_image
+
+
+@pytest.fixture(scope="module")
+def detector() -> FaceDetector:
+    return FaceDetector("cpu")
+
+
+@pytest.fixture(scope="module")
+def photos(shared_data) -> dict[str, np.ndarray]:
+    names = ("multiface.jpg", "ivan.jpg", "no-faces.jpg")
+    return {name: decode_image((shared_data / "faces" / name).read_bytes()) for name in names}
+
+
+def test_detection_check_on_the_shared_photos(detector, photos):
+    found = dict(zip(photos, detector.detect(list(photos.values()))))
+    assert len(found["multiface.jpg"].above(0.9)) >= 5
+    assert len(found["ivan.jpg"].above(0.9)) == 1
+    assert len(found["no-faces.jpg"]) == 0
+    ivan = found["ivan.jpg"]
+    assert ivan.boxes.shape == (1, 4) and ivan.landmarks.shape == (1, 5, 2)
+    x1, y1, x2, y2 = ivan.boxes[0]
+    assert 40 < x2 - x1 < 70 and 50 < y2 - y1 < 80
+    # landmarks sit inside the face box: eyes above the mouth corners
+    points = ivan.landmarks[0]
+    assert np.all((points[:, 0] > x1) & (points[:, 0] < x2) & (points[:, 1] > y1) & (points[:, 1] < y2))
+    assert points[0, 1] < points[3, 1] and points[1, 1] < points[4, 1]
+    scores = found["multiface.jpg"].scores
+    assert np.all(np.diff(scores) <= 0), "faces come most confident first"
+
+
+def test_mixed_size_batch_equals_one_image_at_a_time(detector, photos):
+    images = list(photos.values()) + [photos["ivan.jpg"][:400, :300]]
+    batched = detector.detect(images)
+    for image, together in zip(images, batched):
+        alone = detector.detect([image])[0]
+        assert len(alone) == len(together)
+        np.testing.assert_allclose(alone.boxes, together.boxes, atol=1e-3)
+
+
+def test_equal_size_images_in_one_batch_match_alone(detector, shared_data):
+    paths = sorted((shared_data / "utkface").glob("*.jpg"))[:6]
+    images = [decode_image(p.read_bytes()) for p in paths]
+    batched = detector.detect(images)
+    for image, together in zip(images, batched):
+        alone = detector.detect([image])[0]
+        np.testing.assert_allclose(alone.boxes, together.boxes, atol=1e-3)
+        np.testing.assert_allclose(alone.scores, together.scores, atol=1e-5)
+
+
+def test_channels_last_networks_give_stock_facenet_results(detector, photos):
+    from facenet_pytorch import MTCNN
+
+    stock = MTCNN(keep_all=True, select_largest=False, device="cpu")
+    boxes, scores, points = stock.detect(photos["multiface.jpg"], landmarks=True)
+    ours = detector.detect([photos["multiface.jpg"]])[0]
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
+    np.testing.assert_allclose(ours.boxes, np.asarray(boxes, np.float64)[order], atol=1e-2)
+    np.testing.assert_allclose(ours.landmarks, np.asarray(points, np.float64)[order], atol=1e-2)
+
+
+def test_large_images_are_detected_shrunk_and_mapped_back_exactly(photos):
+    small = FaceDetector("cpu", DetectorConfig(max_side=400))
+    image = photos["ivan.jpg"]  # 561 x 561 -> detected at 400 x 400
+    assert detection_scale(561, 561, 400) == (400, 400)
+    shrunk = cv2.resize(image, (400, 400), interpolation=cv2.INTER_AREA)
+    direct = small.detect([shrunk])[0]
+    mapped = small.detect([image])[0]
+    assert len(direct) == len(mapped) >= 1
+    np.testing.assert_allclose(mapped.boxes, direct.boxes * (561 / 400), rtol=1e-6)
+    np.testing.assert_allclose(mapped.landmarks, direct.landmarks * (561 / 400), rtol=1e-6)
+    full = FaceDetector("cpu").detect([image])[0]
+    np.testing.assert_allclose(mapped.boxes[0], full.boxes[0], atol=4.0)  # same face, within a few pixels
+
+
+def test_non_square_scale_maps_each_axis(photos):
+    image = cv2.resize(photos["ivan.jpg"], (900, 600), interpolation=cv2.INTER_LINEAR)
+    assert detection_scale(600, 900, 450) == (300, 450)
+    small = FaceDetector("cpu", DetectorConfig(max_side=450))
+    direct = small.detect([cv2.resize(image, (450, 300), interpolation=cv2.INTER_AREA)])[0]
+    mapped = small.detect([image])[0]
+    np.testing.assert_allclose(mapped.boxes, direct.boxes * np.array([2, 2, 2, 2]), rtol=1e-6)
+
+
+def test_tiny_images_have_no_faces(detector):
+    found = detector.detect([np.zeros((8, 30, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)])
+    assert [len(f) for f in found] == [0, 0]
