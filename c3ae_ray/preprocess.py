@@ -285,14 +285,14 @@ def preprocess(cfg: PreprocessConfig) -> dict:
             "c3ae_ray_version": __version__,
         }
         if counts["kept"] == 0:
-            raise NoUsableImagesError(f"no usable image in {cfg.root}: {json_counts(summary)}")
+            raise NoUsableImagesError(f"no usable image in {cfg.root}: {count_line(summary)}")
         storage.publish(filesystem, staging, out, summary, cfg.overwrite)
         return summary
     finally:
         storage.delete_tree(filesystem, staging)
 
 
-def json_counts(summary: dict) -> str:
+def count_line(summary: dict) -> str:
     return ", ".join(f"{name} {summary[name]}" for name in ("seen", *STATUSES))
 
 
@@ -300,7 +300,7 @@ def format_summary(summary: dict) -> str:
     """The lines the CLI prints at the end."""
     lines = [
         f"preprocessed {summary['dataset']} from {summary['root']} -> {summary['out']}",
-        f"  {json_counts(summary)}",
+        f"  {count_line(summary)}",
         f"  skipped by the dataset reader: {summary['skipped_by_reader'] or 'none'}",
     ]
     if summary["unreadable_reasons"]:
