@@ -7,7 +7,7 @@ import os
 
 
 @contextlib.contextmanager
-def ray_runtime(num_cpus: int | None = None):
+def ray_runtime():
     """Connect (or start) Ray for one stage; leave a Ray that was already running untouched.
 
     Local Ray gets a fixed CPU count and a capped object store so it behaves the same on a laptop and in
@@ -23,7 +23,7 @@ def ray_runtime(num_cpus: int | None = None):
     else:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         ray.init(
-            num_cpus=num_cpus or os.cpu_count(),
+            num_cpus=os.cpu_count(),
             object_store_memory=int(min(2 * 2**30, memory * 0.2)),
             include_dashboard=False,
             configure_logging=False,
