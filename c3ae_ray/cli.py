@@ -39,6 +39,20 @@ def _preprocess(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from c3ae_ray.train import format_summary, train, train_config
+
+    flags = {
+        "data": args.data, "out": args.out, "val_data": args.val_data, "val_fraction": args.val_fraction,
+        "epochs": args.epochs, "workers": args.workers, "gpu": args.gpu or None, "batch_size": args.batch_size,
+        "lr": args.lr, "init_from": args.init_from, "seed": args.seed, "overwrite": args.overwrite or None,
+        "context": False if args.no_context else None, "cascade": False if args.no_cascade else None,
+        "se": False if args.no_se else None, "augment": False if args.no_augment else None,
+    }
+    print(format_summary(train(train_config(args.config, flags))))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -77,6 +91,34 @@ def _add_preprocess(commands) -> None:
     parser.set_defaults(run=_preprocess)
 
 
+def _add_train(commands) -> None:
+    parser = commands.add_parser(
+        "train",
+        help="preprocessed Parquet -> model.pt (Ray Train, data-parallel)",
+        description="Train C3AE on `c3ae preprocess` output with Ray Train: data-parallel workers, batched "
+        "augmentation, a checkpoint every epoch. Rerunning the same command on an unfinished --out resumes it. "
+        "Runs on a local Ray, or the cluster at RAY_ADDRESS. Flags override --config.",
+    )
+    parser.add_argument("--data", help="a `c3ae preprocess` output folder (path or s3://)")
+    parser.add_argument("--val-data", help="a separate validation output (default: --val-fraction of --data)")
+    parser.add_argument("--val-fraction", type=float, help="share of --data held out by a hash of subject or path (0.1)")
+    parser.add_argument("--out", help="run folder: path or s3:// (shared storage for a multi-node run)")
+    parser.add_argument("--config", help="YAML with TrainConfig fields (model: and augment: as mappings)")
+    parser.add_argument("--epochs", type=_positive_int)
+    parser.add_argument("--workers", type=_positive_int, help="data-parallel workers (1)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (DDP over NCCL)")
+    parser.add_argument("--batch-size", type=_positive_int, help="per worker (50)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (0.005 full model, 0.002 without SE)")
+    parser.add_argument("--init-from", help="fine-tune from this model.pt (its switches and bins are kept)")
+    parser.add_argument("--no-context", action="store_true", help="one crop (the largest) instead of three")
+    parser.add_argument("--no-cascade", action="store_true", help="no two-point bins: plain regression")
+    parser.add_argument("--no-se", action="store_true", help="no squeeze-and-excitation (the plain C3AE)")
+    parser.add_argument("--no-augment", action="store_true")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--overwrite", action="store_true", help="discard what --out holds and train from scratch")
+    parser.set_defaults(run=_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="c3ae",
@@ -89,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     summary.set_defaults(run=_summary)
     _add_preprocess(commands)
+    _add_train(commands)
     return parser
 
 

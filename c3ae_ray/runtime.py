@@ -25,7 +25,7 @@ def ray_runtime():
         ray.init(
             num_cpus=os.cpu_count(),
             object_store_memory=int(min(2 * 2**30, memory * 0.2)),
-            include_dashboard=False,
+            include_dashboard=True,  # also serves the state API that Train V2's placement-group cleaner polls
             configure_logging=False,
         )
     try:

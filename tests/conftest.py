@@ -49,6 +49,19 @@ def ray_session():
 
 
 @pytest.fixture(scope="session")
+def face_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
+    """A real `preprocess` output of 40 UTKFace images (ages spread over the folder) for training tests."""
+    from c3ae_ray.preprocess import PreprocessConfig, preprocess
+    from tests import fixtures
+
+    root = tmp_path_factory.mktemp("utk40")
+    built = fixtures.make_utkface(root / "utkface", shared_data / "utkface", n=40)
+    out = root / "faces"
+    preprocess(PreprocessConfig(dataset="utkface", root=str(built["root"]), out=str(out), detectors=1))
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's standalone server) on loopback, with the bucket `c3ae-test`.
 

@@ -1,0 +1,168 @@
+"""Training logic without Ray: config merging, the hash split, row decoding, run folders, fine-tune checks."""
+
+from __future__ import annotations
+
+import json
+
+import cv2
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from c3ae_ray import storage, train
+from c3ae_ray.crops import CropConfig, cut_region
+from c3ae_ray.model import C3AE, ModelConfig, save_model
+from c3ae_ray.train import TrainConfig, decode_faces, in_validation, split_key, train_config
+
+
+def test_flags_override_the_yaml_which_overrides_the_paper_defaults(tmp_path):
+    config = tmp_path / "train.yaml"
+    config.write_text("epochs: 7\nbatch_size: 20\nlr: 0.001\nmodel:\n  dropout_head: 0.5\naugment:\n  p_flip: 0.0\n")
+    cfg = train_config(str(config), {"data": "d", "out": "o", "lr": 0.01, "se": False, "batch_size": None})
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (7, 20, 0.01)
+    assert cfg.model == ModelConfig(se=False, dropout_head=0.5)
+    assert cfg.augment.p_flip == 0.0 and cfg.augment.p_rotate == 0.5
+    defaults = train_config(None, {"data": "d", "out": "o"})
+    assert (defaults.batch_size, defaults.weight_decay, defaults.alpha, defaults.learning_rate) == (50, 1e-4, 10.0, 0.005)
+    assert train_config(None, {"data": "d", "out": "o", "se": False}).learning_rate == 0.002  # the plain model's
+    assert train_config(None, {"data": "d", "out": "o", "augment": False}).augment is None
+
+
+def test_a_config_round_trips_through_json_and_bad_settings_are_named():
+    cfg = train_config(None, {"data": "d", "out": "o", "cascade": False, "epochs": 3})
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(ValueError, match="unknown training config keys: \\['epoch'\\]"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "epoch": 3})
+    with pytest.raises(ValueError, match="unknown augment config keys"):
+        TrainConfig.from_dict({"data": "d", "out": "o", "augment": {"p_flop": 1}})
+    with pytest.raises(ValueError, match="--out is required"):
+        train_config(None, {"data": "d"})
+    with pytest.raises(ValueError, match="val_fraction"):
+        train_config(None, {"data": "d", "out": "o", "val_fraction": 1.5})
+    with pytest.raises(ValueError, match="workers must be at least 1"):
+        train_config(None, {"data": "d", "out": "o", "workers": 0})
+
+
+def test_the_validation_split_is_deterministic_close_to_its_fraction_and_keeps_people_together():
+    keys = [split_key(f"/data/{i}.jpg", None) for i in range(20000)]
+    chosen = [in_validation(key, 0.1) for key in keys]
+    assert chosen == [in_validation(key, 0.1) for key in keys]
+    assert 0.09 < np.mean(chosen) < 0.11
+    assert split_key("/a.jpg", "7") == split_key("/b.jpg", "7") != split_key("/a.jpg", None)
+    assert all(in_validation(k, 0.2) for k in keys if in_validation(k, 0.1))  # a larger share only adds rows
+
+
+def face_rows(n: int, crop: CropConfig = CropConfig()) -> tuple[pa.Table, np.ndarray]:
+    """n preprocess-like face rows (regions JPEG-encoded as preprocess stores them) and the regions themselves."""
+    ys, xs = np.mgrid[0:120, 0:100]
+    rows, regions = [], []
+    for i in range(n):  # smooth colour gradients (JPEG keeps them), a different one per row
+        image = np.stack([xs * 2 + i, ys * 2, 255 - xs - ys + i], axis=-1).clip(0, 255).astype(np.uint8)
+        region, boxes = cut_region(image, [30, 40, 70, 85], crop)
+        ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(region, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 100])
+        rows.append({"path": f"/d/{i}.jpg", "subject": None, "age": float(i), "region_jpeg": jpeg.tobytes(),
+                     "region_boxes": boxes.reshape(-1).tolist()})
+        regions.append(region)
+    return pa.Table.from_pylist(rows), np.stack(regions)
+
+
+def test_decoding_face_rows_gives_the_regions_and_boxes_and_respects_the_split():
+    table, regions = face_rows(12)
+    every = decode_faces(table, None, 0.0, CropConfig())
+    assert every["region"].shape == (12, 154, 154, 3) and every["region"].dtype == np.uint8
+    assert every["boxes"].shape == (12, 3, 4) and every["age"].tolist() == list(range(12))
+    assert np.abs(every["region"].astype(int) - regions).mean() < 2  # JPEG at quality 100, RGB order kept
+    val = decode_faces(table, "val", 0.5, CropConfig())
+    fit = decode_faces(table, "train", 0.5, CropConfig())
+    assert sorted(val["age"].tolist() + fit["age"].tolist()) == list(range(12))
+    assert 0 < len(val["age"]) < 12
+    empty = decode_faces(table.slice(0, 0), "train", 0.5, CropConfig())
+    assert empty["region"].shape == (0, 154, 154, 3) and empty["boxes"].shape == (0, 3, 4)
+    with pytest.raises(ValueError, match="not a 131px JPEG"):
+        decode_faces(table, None, 0.0, CropConfig(scales=(1.0, 1.7)))
+
+
+def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
+    fs, out = storage.resolve(str(tmp_path / "run"))
+    cfg = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "epochs": 4})
+    assert train._prepare_run_dir(cfg, fs, out) is False  # new: config.json written
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 4
+    (tmp_path / "run" / "checkpoints").mkdir()
+    longer_on_two = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "epochs": 9, "workers": 2})
+    assert train._prepare_run_dir(longer_on_two, fs, out) is True
+    other_lr = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "lr": 0.1})
+    with pytest.raises(ValueError, match="other settings \\(lr\\)"):
+        train._prepare_run_dir(other_lr, fs, out)
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(storage.OutputExistsError, match="finished run: pass --overwrite"):
+        train._prepare_run_dir(cfg, fs, out)
+    fresh = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "lr": 0.1, "overwrite": True})
+    assert train._prepare_run_dir(fresh, fs, out) is False
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(storage.OutputExistsError, match="not a training run"):
+        train._prepare_run_dir(train_config(None, {"data": "d", "out": str(tmp_path / "other")}), *storage.resolve(str(tmp_path / "other")))
+
+
+def test_fine_tuning_takes_the_models_switches_and_refuses_other_scales_or_switches(tmp_path):
+    plain = C3AE(ModelConfig(se=False, cascade=False))
+    save_model(plain, tmp_path / "plain.pt", crop_config=CropConfig().to_dict(), meta={"val_mae": 5.0})
+    cfg = train_config(None, {"data": "d", "out": "o", "init_from": str(tmp_path / "plain.pt")})
+    adopted, state, provenance = train._initial_weights(cfg, CropConfig())
+    assert adopted.model == plain.cfg and adopted.learning_rate == 0.002
+    assert torch.equal(state["w1.weight"], plain.state_dict()["w1.weight"])
+    assert provenance["meta"]["val_mae"] == 5.0
+    with pytest.raises(ValueError, match="scales \\[1.0, 1.5, 2.0\\], the data has \\[1.0, 2.0, 3.0\\]"):
+        train._initial_weights(cfg, CropConfig(scales=(1.0, 2.0, 3.0)))
+    no_context = train_config(None, {"data": "d", "out": "o", "init_from": str(tmp_path / "plain.pt"), "context": False})
+    with pytest.raises(ValueError, match="does not match the asked model config in: context"):
+        train._initial_weights(no_context, CropConfig())
+    save_model(C3AE(ModelConfig(n_bins=10)), tmp_path / "bins.pt", crop_config=CropConfig().to_dict())
+    with pytest.raises(ValueError, match="other age bins \\(n_bins 10\\) than this run \\(n_bins 12\\)"):
+        train._initial_weights(replace_init(cfg, tmp_path / "bins.pt"), CropConfig())
+    (tmp_path / "junk.pt").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="not a C3AE model file"):
+        train._initial_weights(replace_init(cfg, tmp_path / "junk.pt"), CropConfig())
+
+
+def replace_init(cfg: TrainConfig, path, **model) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, init_from=str(path), model=ModelConfig(**model) if model else ModelConfig())
+
+
+def test_the_curves_plot_is_a_png_with_every_epoch():
+    history = [
+        {"epoch": e, "train_loss": 30 / e, "val_loss": 32 / e, "train_l1": 15 / e, "train_kl": 1 / e, "val_kl": 1.2 / e,
+         "val_mae": 14 / e, "val_ca3": 0.1 * e, "val_ca5": 0.15 * e, "val_ca7": 0.2 * e}
+        for e in range(1, 5)
+    ]
+    png = train.plot_curves(history)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert image.shape[1] > 800
+
+
+def test_an_epoch_and_a_validation_pass_without_ray():
+    """The worker's loop on plain tensor batches (what Ray Data's iter_torch_batches yields)."""
+    table, _ = face_rows(12)
+    decoded = decode_faces(table, None, 0.0, CropConfig())
+    batches = [{k: torch.from_numpy(v[i : i + 6]) for k, v in decoded.items()} for i in (0, 6)]
+    cfg = train_config(None, {"data": "d", "out": "o"})
+    model = C3AE(cfg.model)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    seen = []
+    before = [p.detach().clone() for p in model.parameters()]
+    record = train._train_epoch(model, optimizer, batches, cfg, 64, torch.Generator(), torch.device("cpu"), seen.append)
+    assert seen == [6, 12] and record["train_samples"] == 12
+    assert np.isfinite(record["train_loss"]) and record["train_loss"] >= record["train_l1"] > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    metrics = train._validate(model, batches, cfg, 64, torch.device("cpu"))
+    assert metrics["val_samples"] == 12 and metrics["val_mae"] > 0
+    assert 0 <= metrics["val_ca3"] <= metrics["val_ca5"] <= metrics["val_ca7"] <= 1
+    with torch.no_grad():
+        errors = (model.eval()(torch.cat([train.crop_batch(b["region"], b["boxes"]) for b in batches]))[0]
+                  - torch.from_numpy(decoded["age"])).abs()
+    assert metrics["val_mae"] == pytest.approx(errors.mean().item(), rel=1e-5)
