@@ -29,6 +29,7 @@ from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.datasets import read_dataset
 from c3ae_ray.detect import DetectorConfig, FaceDetector
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from c3ae_ray.runtime import cpus_per_worker, ray_runtime
 
 STATUSES = ("kept", "no_face", "multi_face", "bad_age", "unreadable")
 
@@ -189,9 +190,9 @@ def pool_shape(cluster: dict, device: str, detectors: int | None) -> tuple[int, 
         if gpus <= 0:
             raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
         actors = detectors or int(gpus)
-        return actors, min(1.0, max(cpus - 1, cpus / 2) / actors), min(1.0, gpus / actors)
+        return actors, cpus_per_worker(cpus, actors), min(1.0, gpus / actors)
     actors = detectors or max(1, int(cpus))
-    return actors, min(1.0, max(cpus - 1, cpus / 2) / actors), 0.0
+    return actors, cpus_per_worker(cpus, actors), 0.0
 
 
 def _count(filesystem, staging: str) -> tuple[dict, dict]:
@@ -225,8 +226,6 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     """Run the whole stage; -> the summary (also written to OUT/summary.json). Raises NoUsableImagesError."""
     import ray
     from ray.data import ActorPoolStrategy
-
-    from c3ae_ray.runtime import ray_runtime
 
     started = time.perf_counter()
     listing = read_dataset(

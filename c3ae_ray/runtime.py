@@ -32,3 +32,9 @@ def ray_runtime():
         yield ray
     finally:
         ray.shutdown()
+
+
+def cpus_per_worker(cluster_cpus: float, workers: int) -> float:
+    """CPUs each of `workers` actors may claim so that at least one CPU (or half a small cluster) stays free:
+    Ray Data's read, decode and write tasks need it, and a pool that takes every CPU hangs the pipeline."""
+    return min(1.0, max(cluster_cpus - 1, cluster_cpus / 2) / workers)

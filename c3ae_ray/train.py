@@ -38,6 +38,7 @@ from c3ae_ray import __version__, storage
 from c3ae_ray.augment import AugmentConfig, crop_batch
 from c3ae_ray.crops import CropConfig
 from c3ae_ray.model import C3AE, ModelConfig, c3ae_loss, load_model, save_model
+from c3ae_ray.runtime import cpus_per_worker, ray_runtime
 
 logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # Ray Train's run name: RUN_DIR/checkpoints/
@@ -262,10 +263,11 @@ def _train_epoch(model, optimizer, batches, cfg: TrainConfig, crop_size: int, ge
     model.train()
     totals = [0.0, 0.0, 0.0, 0.0]  # samples, loss, kl, l1 (sums over samples)
     waited = 0.0  # seconds spent waiting for the next batch: high means the input pipeline is the bottleneck
+    use_bf16 = cfg.bf16 and bf16_supported(device)
     asked = time.perf_counter()
     for batch in batches:
         waited += time.perf_counter() - asked
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and bf16_supported(device)):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
             _, losses = _batch_losses(model, batch, crop_size, cfg.augment, cfg.alpha, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
@@ -474,12 +476,12 @@ def _initial_weights(cfg: TrainConfig, crop: CropConfig) -> tuple[TrainConfig, d
 
 def _worker_resources(cluster: dict, cfg: TrainConfig) -> dict:
     """CPU workers never claim every CPU: Ray Data needs one to read and decode the shards."""
-    cpus = cluster.get("CPU", 1.0)
+    resources = {"CPU": cpus_per_worker(cluster.get("CPU", 1.0), cfg.workers)}
     if cfg.gpu:
         if cluster.get("GPU", 0) < cfg.workers:
             raise ValueError(f"--gpu with {cfg.workers} workers needs {cfg.workers} GPUs; the cluster has {cluster.get('GPU', 0):g}")
-        return {"CPU": min(1.0, max(cpus - 1, cpus / 2) / cfg.workers), "GPU": 1}
-    return {"CPU": min(1.0, max(cpus - 1, cpus / 2) / cfg.workers)}
+        resources["GPU"] = 1
+    return resources
 
 
 def train(cfg: TrainConfig) -> dict:
@@ -487,8 +489,6 @@ def train(cfg: TrainConfig) -> dict:
     import ray.data
     import ray.train
     from ray.train.torch import TorchTrainer
-
-    from c3ae_ray.runtime import ray_runtime
 
     started = time.perf_counter()
     cfg.validate()
