@@ -53,6 +53,20 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from c3ae_ray.evaluate import EvalConfig, evaluate, format_report
+
+    protocol = getattr(args, "protocol", None) or "ablation"
+    given = {k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
+    summary = evaluate(EvalConfig(**{**given, "protocol": protocol, "variants": tuple(args.variants or EvalConfig.variants)}))
+    print(format_report(summary))
+    print(f"report: {summary['out']}/report.md, summary.json, trial_mae.png, pred_vs_true.png, error_by_decade.png")
+    if summary["failed"]:
+        print(f"c3ae {args.command}: {summary['failed']} of {summary['trials']} trials failed (listed in the report)", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -119,6 +133,52 @@ def _add_train(commands) -> None:
     parser.set_defaults(run=_train)
 
 
+def _add_trial_flags(parser) -> None:
+    """Flags that evaluate and ablate share: how each trial trains and where it runs."""
+    parser.add_argument("--data", required=True, help="a `c3ae preprocess` output folder (path or s3://)")
+    parser.add_argument("--out", required=True, help="report folder: path or s3://; rerunning the same command resumes it")
+    parser.add_argument("--epochs", type=_positive_int, help="epochs per trial (30)")
+    parser.add_argument("--batch-size", type=_positive_int, help="(50)")
+    parser.add_argument("--lr", type=float, help="Adam learning rate (0.005 full model, 0.002 without SE)")
+    parser.add_argument("--seed", type=int, help="seeds the splits and each trial's training (0)")
+    parser.add_argument("--trial-cpus", type=float, help="CPUs per trial, may be fractional (1)")
+    parser.add_argument("--trial-gpus", type=float, help="GPUs per trial, may be fractional (0)")
+    parser.add_argument("--max-failures", type=int, help="retries of a failed trial before it is reported failed (2)")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="discard what --out holds and start over")
+
+
+def _add_evaluate(commands) -> None:
+    parser = commands.add_parser(
+        "evaluate",
+        help="FG-NET protocols on Ray Tune: repeated splits or leave-one-person-out",
+        description="Train (or fine-tune) and test one model per split or fold, each a Ray Tune trial, and "
+        "write summary.json, report.md and plots. Runs on a local Ray, or the cluster at RAY_ADDRESS.",
+    )
+    parser.add_argument("--protocol", required=True, choices=("splits", "lopo"))
+    parser.add_argument("--repeats", type=_positive_int, help="splits: number of random splits (10)")
+    parser.add_argument("--test-size", type=_positive_int, help="splits: test images per split (30)")
+    parser.add_argument("--by-subject", action="store_true", default=None, help="splits: identity-disjoint test parts")
+    parser.add_argument("--init-from", help="fine-tune every trial from this model.pt")
+    _add_trial_flags(parser)
+    parser.set_defaults(run=_evaluate, variants=None)
+
+
+def _add_ablate(commands) -> None:
+    from c3ae_ray.evaluate import ABLATIONS
+
+    parser = commands.add_parser(
+        "ablate",
+        help="the paper's ablation on Ray Tune: full, no-context, no-cascade, no-augment, no-SE",
+        description="Train every model variant with several seeds on one hash split (as training's) and "
+        "compare them on its test part, each a Ray Tune trial.",
+    )
+    parser.add_argument("--seeds", type=_positive_int, help="trials per variant (3)")
+    parser.add_argument("--variants", nargs="+", choices=ABLATIONS, help="(all)")
+    parser.add_argument("--test-fraction", type=float, help="share held out by a hash of subject or path (0.1)")
+    _add_trial_flags(parser)
+    parser.set_defaults(run=_evaluate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="c3ae",
@@ -132,6 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     summary.set_defaults(run=_summary)
     _add_preprocess(commands)
     _add_train(commands)
+    _add_evaluate(commands)
+    _add_ablate(commands)
     return parser
 
 

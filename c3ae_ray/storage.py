@@ -133,6 +133,37 @@ def publish(filesystem: pafs.FileSystem, staging: str, destination: str, summary
     write_json(filesystem, f"{destination}/{SUMMARY}", summary)
 
 
+def prepare_run_dir(
+    filesystem: pafs.FileSystem, path: str, location: str, config: dict, overwrite: bool, resumable: set[str], kind: str
+) -> bool:
+    """Create or check a run folder that resumes; -> True when it holds an unfinished run with the same settings
+    (the caller looks for what there is to resume), False when the run starts afresh.
+
+    The run's effective `config` is saved as config.json when it starts; a rerun may differ from it only in
+    the `resumable` keys. A finished run (summary.json) or a folder that is no run is kept unless `overwrite`.
+    """
+    config_path = f"{path}/config.json"
+    if exists(filesystem, f"{path}/{SUMMARY}") and not overwrite:
+        raise OutputExistsError(f"{location} holds a finished {kind}: pass --overwrite to run it again from scratch")
+    if overwrite:
+        delete_tree(filesystem, path)
+    elif exists(filesystem, config_path):
+        saved = read_json(filesystem, config_path)
+        wanted = json.loads(json.dumps(config))
+        changed = sorted(k for k in set(saved) | set(wanted) if k not in resumable and saved.get(k) != wanted.get(k))
+        if changed:
+            raise ValueError(
+                f"{location} holds an unfinished {kind} with other settings ({', '.join(changed)}): "
+                "rerun it with the same settings to resume, or pass --overwrite to start over"
+            )
+        return True
+    elif is_nonempty(filesystem, path):
+        raise OutputExistsError(f"{location} exists and is not a {kind}: pass --overwrite to replace it")
+    filesystem.create_dir(path, recursive=True)
+    write_json(filesystem, config_path, config)
+    return False
+
+
 def require_complete(location: str) -> tuple[pafs.FileSystem, str, dict]:
     """A stage's output that a reader may use: it must hold summary.json (written last). -> (fs, path, summary)."""
     filesystem, path = resolve(location)

@@ -161,18 +161,22 @@ def decode_faces(batch, split: str | None, val_fraction: float, crop: CropConfig
     rows = batch.select(["path", "subject", "age", "region_jpeg", "region_boxes"]).to_pylist()
     if split is not None:
         rows = [r for r in rows if in_validation(split_key(r["path"], r["subject"]), val_fraction) == (split == "val")]
-    region_size = crop.region_size
-    regions = np.empty((len(rows), region_size, region_size, 3), dtype=np.uint8)
-    for i, row in enumerate(rows):
-        image = cv2.imdecode(np.frombuffer(row["region_jpeg"], np.uint8), cv2.IMREAD_COLOR)
-        if image is None or image.shape[:2] != (region_size, region_size):
-            raise ValueError(f"{row['path']}: stored face region is not a {region_size}px JPEG")
-        regions[i] = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
     return {
-        "region": regions,
+        "region": decode_regions([r["region_jpeg"] for r in rows], [r["path"] for r in rows], crop.region_size),
         "boxes": np.asarray([r["region_boxes"] for r in rows], dtype=np.float32).reshape(len(rows), len(crop.scales), 4),
         "age": np.asarray([r["age"] for r in rows], dtype=np.float32),
     }
+
+
+def decode_regions(jpegs: list[bytes], paths: list[str], region_size: int) -> np.ndarray:
+    """Stored region JPEGs -> (n, R, R, 3) RGB uint8; a region of another size or undecodable bytes is an error."""
+    regions = np.empty((len(jpegs), region_size, region_size, 3), dtype=np.uint8)
+    for i, (jpeg, path) in enumerate(zip(jpegs, paths)):
+        image = cv2.imdecode(np.frombuffer(jpeg, np.uint8), cv2.IMREAD_COLOR)
+        if image is None or image.shape[:2] != (region_size, region_size):
+            raise ValueError(f"{path}: stored face region is not a {region_size}px JPEG")
+        regions[i] = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+    return regions
 
 
 @dataclass
@@ -258,7 +262,7 @@ def _all_sum(values: list[float], device) -> list[float]:
     return tensor.tolist()
 
 
-def _train_epoch(model, optimizer, batches, cfg: TrainConfig, crop_size: int, generator, device, progress) -> dict:
+def train_epoch(model, optimizer, batches, cfg: TrainConfig, crop_size: int, generator, device, progress) -> dict:
     """One pass over this worker's shard; `progress(samples_seen)` is called every batch (rank 0 logs it)."""
     model.train()
     totals = [0.0, 0.0, 0.0, 0.0]  # samples, loss, kl, l1 (sums over samples)
@@ -362,7 +366,7 @@ def train_worker(setup: dict) -> None:
         started = time.perf_counter()
         train_batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device)
         progress = _progress_logger(epoch, cfg.epochs, setup["train_faces"], context.get_world_size(), rank, started)
-        record = _train_epoch(model, optimizer, train_batches, cfg, crop_size, generator, device, progress)
+        record = train_epoch(model, optimizer, train_batches, cfg, crop_size, generator, device, progress)
         train_s = time.perf_counter() - started
         record.update(_validate(model, val_shard.iter_torch_batches(batch_size=256, device=device), cfg, crop_size, device))
         record.update(
@@ -423,31 +427,7 @@ def format_epoch(record: dict, epochs: int) -> str:
 # --- the driver: check inputs, start or resume the run, write the outputs --------------------------------------
 
 
-def _prepare_run_dir(cfg: TrainConfig, filesystem, out: str) -> bool:
-    """Create or check RUN_DIR; -> True when an unfinished run with the same settings is there to resume."""
-    config_path = f"{out}/config.json"
-    if storage.exists(filesystem, f"{out}/{storage.SUMMARY}") and not cfg.overwrite:
-        raise storage.OutputExistsError(f"{cfg.out} holds a finished run: pass --overwrite to train it again from scratch")
-    if cfg.overwrite:
-        storage.delete_tree(filesystem, out)
-    elif storage.exists(filesystem, config_path):
-        saved = storage.read_json(filesystem, config_path)
-        wanted = json.loads(json.dumps(cfg.to_dict()))
-        changed = sorted(k for k in set(saved) | set(wanted) if k not in RESUMABLE_CHANGES and saved.get(k) != wanted.get(k))
-        if changed:
-            raise ValueError(
-                f"{cfg.out} holds an unfinished run with other settings ({', '.join(changed)}): "
-                "rerun it with the same settings to resume, or pass --overwrite to start over"
-            )
-        return storage.exists(filesystem, f"{out}/{CHECKPOINTS}")
-    elif storage.is_nonempty(filesystem, out):
-        raise storage.OutputExistsError(f"{cfg.out} exists and is not a training run: pass --overwrite to replace it")
-    filesystem.create_dir(out, recursive=True)
-    storage.write_json(filesystem, config_path, cfg.to_dict())
-    return False
-
-
-def _initial_weights(cfg: TrainConfig, crop: CropConfig) -> tuple[TrainConfig, dict | None, dict | None]:
+def initial_weights(cfg: TrainConfig, crop: CropConfig) -> tuple[TrainConfig, dict | None, dict | None]:
     """--init-from: the model file's switches become the run's; other crop scales or age bins are an error."""
     if not cfg.init_from:
         return cfg, None, None
@@ -493,7 +473,7 @@ def train(cfg: TrainConfig) -> dict:
     started = time.perf_counter()
     cfg.validate()
     data = open_faces(cfg.data)
-    cfg, init_state, init_provenance = _initial_weights(cfg, data.crop)
+    cfg, init_state, init_provenance = initial_weights(cfg, data.crop)
     if cfg.val_data:
         val = open_faces(cfg.val_data)
         if val.crop != data.crop:
@@ -511,7 +491,9 @@ def train(cfg: TrainConfig) -> dict:
     data_summary = {"train": data.describe(train_mask), "val": val_summary}
 
     filesystem, out = storage.resolve(cfg.out)
-    resuming = _prepare_run_dir(cfg, filesystem, out)
+    resuming = storage.prepare_run_dir(
+        filesystem, out, cfg.out, cfg.to_dict(), cfg.overwrite, RESUMABLE_CHANGES, "training run"
+    ) and storage.exists(filesystem, f"{out}/{CHECKPOINTS}")
     print(
         f"{'resuming' if resuming else 'training'} {cfg.out}: {data_summary['train']['faces']} training and "
         f"{val_summary['faces']} validation faces, {cfg.epochs} epochs on {cfg.workers} {'GPU' if cfg.gpu else 'CPU'} worker(s)",

@@ -62,6 +62,20 @@ def face_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def fgnet_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
+    """An FG-NET-layout fixture (4 invented subjects x 4 real UTKFace faces) preprocessed by the `c3ae
+    preprocess` command, for the evaluation protocols."""
+    from c3ae_ray.cli import main
+    from tests import fixtures
+
+    root = tmp_path_factory.mktemp("fgnet")
+    built = fixtures.make_fgnet(root / "fgnet", shared_data / "utkface", subjects=4, per_subject=4)
+    out = root / "faces"
+    assert main(["preprocess", "--dataset", "fgnet", "--root", str(built["root"]), "--out", str(out), "--detectors", "1"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
 def s3_server():
     """A real S3-compatible server (moto's standalone server) on loopback, with the bucket `c3ae-test`.
 

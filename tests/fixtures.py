@@ -8,7 +8,9 @@ returns what `c3ae_ray.datasets.read_dataset` must list for it, so tests compare
 from __future__ import annotations
 
 import math
+import os
 import shutil
+import signal
 from datetime import date
 from pathlib import Path
 
@@ -260,3 +262,20 @@ def make_folder(root: Path, utk_dir: Path, n: int = 8, labels: str | None = None
         lines = ["path,age"] + [",".join(row[:2]) for row in rows]
     csv.write_text("\n".join(lines) + "\n")
     return {"root": root, "records": by_path(records), "labelled": True, "csv": csv}
+
+
+def kill_ray_process(ray_session, title: str) -> int | None:
+    """SIGKILL one process of this session's raylet whose title starts with `title` (Ray names its worker
+    processes `ray::Class.method`), never one of another Ray on the machine. -> its pid, or None if none runs."""
+    raylet = ray_session._private.worker._global_node.all_processes["raylet"][0].process.pid
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if cmdline.startswith(title.encode()) and parent == raylet:
+                os.kill(int(entry.name), signal.SIGKILL)
+                return int(entry.name)
+    return None

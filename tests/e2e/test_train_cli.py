@@ -48,7 +48,7 @@ def test_a_killed_run_resumes_when_the_same_command_is_run_again(face_parquet, t
 
     finished = train(*command)
     assert finished.returncode == 1
-    assert "finished run" in finished.stderr and "--overwrite" in finished.stderr and "Traceback" not in finished.stderr
+    assert "finished training run" in finished.stderr and "--overwrite" in finished.stderr and "Traceback" not in finished.stderr
 
 
 def test_bad_inputs_are_one_line_errors(face_parquet, tmp_path):

@@ -5,11 +5,8 @@ from __future__ import annotations
 
 import csv
 import io
-import os
-import signal
 import threading
 import time
-from pathlib import Path
 
 import pyarrow.fs as pafs
 import pytest
@@ -18,6 +15,7 @@ import torch
 from c3ae_ray import storage
 from c3ae_ray.model import MODEL_FORMAT, load_model
 from c3ae_ray.train import train, train_config
+from tests import fixtures
 
 
 def run(data, out, **flags):
@@ -71,22 +69,6 @@ def test_two_workers_split_the_data_and_write_the_run_to_s3(face_parquet, s3_ser
     assert payload["meta"]["train_config"]["workers"] == 2
 
 
-def _kill_a_train_worker(ray_session) -> int:
-    """SIGKILL the RayTrainWorker process of this session's raylet (not any other Ray on the machine)."""
-    raylet = ray_session._private.worker._global_node.all_processes["raylet"][0].process.pid
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                title = (entry / "cmdline").read_bytes()
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            if title.startswith(b"ray::RayTrainWorker") and parent == raylet:
-                os.kill(int(entry.name), signal.SIGKILL)
-                return int(entry.name)
-    raise AssertionError("no RayTrainWorker process found")
-
-
 def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_session, face_parquet, tmp_path):
     out = tmp_path / "run"
     outcome = {}
@@ -96,7 +78,7 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_session, fa
     while not (out / "checkpoints" / "epoch_002").is_dir():
         assert thread.is_alive() and time.time() < deadline, "the run ended or stalled before its second checkpoint"
         time.sleep(0.2)
-    _kill_a_train_worker(ray_session)
+    assert fixtures.kill_ray_process(ray_session, "ray::RayTrainWorker"), "no RayTrainWorker process found"
     thread.join(timeout=400)
     assert "summary" in outcome, "training did not finish after the worker was killed"
     history = storage.read_json(*storage.resolve(str(out / "metrics.json")))

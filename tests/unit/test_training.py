@@ -85,46 +85,49 @@ def test_decoding_face_rows_gives_the_regions_and_boxes_and_respects_the_split()
 
 def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
     fs, out = storage.resolve(str(tmp_path / "run"))
+
+    def prepare(cfg: TrainConfig, path=out) -> bool:
+        return storage.prepare_run_dir(fs, path, cfg.out, cfg.to_dict(), cfg.overwrite, train.RESUMABLE_CHANGES, "training run")
+
     cfg = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "epochs": 4})
-    assert train._prepare_run_dir(cfg, fs, out) is False  # new: config.json written
+    assert prepare(cfg) is False  # new: config.json written
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 4
-    (tmp_path / "run" / "checkpoints").mkdir()
     longer_on_two = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "epochs": 9, "workers": 2})
-    assert train._prepare_run_dir(longer_on_two, fs, out) is True
+    assert prepare(longer_on_two) is True
     other_lr = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "lr": 0.1})
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
-        train._prepare_run_dir(other_lr, fs, out)
+        prepare(other_lr)
     (tmp_path / "run" / "summary.json").write_text("{}")
-    with pytest.raises(storage.OutputExistsError, match="finished run: pass --overwrite"):
-        train._prepare_run_dir(cfg, fs, out)
+    with pytest.raises(storage.OutputExistsError, match="finished training run: pass --overwrite"):
+        prepare(cfg)
     fresh = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "lr": 0.1, "overwrite": True})
-    assert train._prepare_run_dir(fresh, fs, out) is False
+    assert prepare(fresh) is False
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(storage.OutputExistsError, match="not a training run"):
-        train._prepare_run_dir(train_config(None, {"data": "d", "out": str(tmp_path / "other")}), *storage.resolve(str(tmp_path / "other")))
+        prepare(train_config(None, {"data": "d", "out": str(tmp_path / "other")}), storage.resolve(str(tmp_path / "other"))[1])
 
 
 def test_fine_tuning_takes_the_models_switches_and_refuses_other_scales_or_switches(tmp_path):
     plain = C3AE(ModelConfig(se=False, cascade=False))
     save_model(plain, tmp_path / "plain.pt", crop_config=CropConfig().to_dict(), meta={"val_mae": 5.0})
     cfg = train_config(None, {"data": "d", "out": "o", "init_from": str(tmp_path / "plain.pt")})
-    adopted, state, provenance = train._initial_weights(cfg, CropConfig())
+    adopted, state, provenance = train.initial_weights(cfg, CropConfig())
     assert adopted.model == plain.cfg and adopted.learning_rate == 0.002
     assert torch.equal(state["w1.weight"], plain.state_dict()["w1.weight"])
     assert provenance["meta"]["val_mae"] == 5.0
     with pytest.raises(ValueError, match="scales \\[1.0, 1.5, 2.0\\], the data has \\[1.0, 2.0, 3.0\\]"):
-        train._initial_weights(cfg, CropConfig(scales=(1.0, 2.0, 3.0)))
+        train.initial_weights(cfg, CropConfig(scales=(1.0, 2.0, 3.0)))
     no_context = train_config(None, {"data": "d", "out": "o", "init_from": str(tmp_path / "plain.pt"), "context": False})
     with pytest.raises(ValueError, match="does not match the asked model config in: context"):
-        train._initial_weights(no_context, CropConfig())
+        train.initial_weights(no_context, CropConfig())
     save_model(C3AE(ModelConfig(n_bins=10)), tmp_path / "bins.pt", crop_config=CropConfig().to_dict())
     with pytest.raises(ValueError, match="other age bins \\(n_bins 10\\) than this run \\(n_bins 12\\)"):
-        train._initial_weights(replace_init(cfg, tmp_path / "bins.pt"), CropConfig())
+        train.initial_weights(replace_init(cfg, tmp_path / "bins.pt"), CropConfig())
     (tmp_path / "junk.pt").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="not a C3AE model file"):
-        train._initial_weights(replace_init(cfg, tmp_path / "junk.pt"), CropConfig())
+        train.initial_weights(replace_init(cfg, tmp_path / "junk.pt"), CropConfig())
 
 
 def replace_init(cfg: TrainConfig, path, **model) -> TrainConfig:
@@ -155,7 +158,7 @@ def test_an_epoch_and_a_validation_pass_without_ray():
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
     seen = []
     before = [p.detach().clone() for p in model.parameters()]
-    record = train._train_epoch(model, optimizer, batches, cfg, 64, torch.Generator(), torch.device("cpu"), seen.append)
+    record = train.train_epoch(model, optimizer, batches, cfg, 64, torch.Generator(), torch.device("cpu"), seen.append)
     assert seen == [6, 12] and record["train_samples"] == 12
     assert np.isfinite(record["train_loss"]) and record["train_loss"] >= record["train_l1"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
