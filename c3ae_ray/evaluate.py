@@ -36,7 +36,7 @@ import torch
 
 from c3ae_ray import __version__, storage
 from c3ae_ray.augment import AugmentConfig, crop_batch
-from c3ae_ray.model import C3AE, ModelConfig, count_parameters
+from c3ae_ray.model import VARIANTS, C3AE, ModelConfig, count_parameters
 from c3ae_ray.runtime import ray_runtime
 from c3ae_ray.train import (
     CA_YEARS,
@@ -51,13 +51,19 @@ from c3ae_ray.train import (
 )
 
 PROTOCOLS = ("splits", "lopo", "ablation")
-# The paper's ablation (Fig. 5): each variant drops one ingredient of the full model.
-ABLATIONS: dict[str, tuple[dict, bool]] = {  # name -> (model switches, augmentation on)
-    "full": ({}, True),
-    "no-context": ({"context": False}, True),
-    "no-cascade": ({"cascade": False}, True),
-    "no-augment": ({}, False),
-    "no-se": ({"se": False}, True),
+
+
+def _switches(variant: ModelConfig) -> dict:
+    """The fields where a model variant differs from the full model."""
+    full = asdict(ModelConfig())
+    return {k: v for k, v in asdict(variant).items() if v != full[k]}
+
+
+# The paper's ablation (Fig. 5): each variant drops one ingredient of the full model (model.VARIANTS), or
+# the training augmentation. name -> (model switches, augmentation on)
+ABLATIONS: dict[str, tuple[dict, bool]] = {
+    name: (_switches(VARIANTS["full" if name == "no-augment" else name]), name != "no-augment")
+    for name in ("full", "no-context", "no-cascade", "no-augment", "no-se")
 }
 TRIALS = "trials"  # Tune's experiment name: OUT/trials/
 # A resumed evaluation runs the same command: Tune restores its trials' resources and FailureConfig from
@@ -464,12 +470,13 @@ def _write_report(filesystem, out: str, summary: dict, predictions: list[dict]) 
     writer = csv.DictWriter(text, fieldnames=["trial", "group", "path", "subject", "age", "predicted"])
     writer.writeheader()
     writer.writerows(predictions)
+    groups = _by_group(predictions)
     outputs = {
         "predictions.csv": text.getvalue().encode(),
         "report.md": format_report(summary).encode(),
         "trial_mae.png": plot_trial_mae(summary["rows"]),
-        "pred_vs_true.png": plot_pred_vs_true(_by_group(predictions)),
-        "error_by_decade.png": plot_error_by_decade(_by_group(predictions)),
+        "pred_vs_true.png": plot_pred_vs_true(groups),
+        "error_by_decade.png": plot_error_by_decade(groups),
     }
     for name, content in outputs.items():
         with filesystem.open_output_stream(f"{out}/{name}") as stream:

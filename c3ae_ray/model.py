@@ -24,6 +24,13 @@ from torch import nn
 MODEL_FORMAT = "c3ae_ray.model/1"
 
 
+def check_keys(config_class, values: dict, what: str) -> None:
+    """A config read from a file or a saved run names only fields of its dataclass: a typo is an error."""
+    unknown = set(values) - {f.name for f in fields(config_class)}
+    if unknown:
+        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The network's switches with the paper's defaults (full model)."""
@@ -52,10 +59,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "ModelConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown model config keys: {sorted(unknown)}")
+        check_keys(cls, values, "model")
         return cls(**values)
 
 

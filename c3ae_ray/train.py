@@ -37,7 +37,7 @@ import torch
 from c3ae_ray import __version__, storage
 from c3ae_ray.augment import AugmentConfig, crop_batch
 from c3ae_ray.crops import CropConfig
-from c3ae_ray.model import C3AE, ModelConfig, c3ae_loss, load_model, save_model
+from c3ae_ray.model import C3AE, ModelConfig, c3ae_loss, check_keys, load_model, save_model
 from c3ae_ray.runtime import cpus_per_worker, ray_runtime
 
 logger = logging.getLogger(__name__)
@@ -85,18 +85,12 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise ValueError(f"unknown training config keys: {sorted(unknown)}")
+        check_keys(cls, values, "training")
         values = dict(values)
         if isinstance(values.get("model"), dict):
             values["model"] = ModelConfig.from_dict(values["model"])
         if isinstance(values.get("augment"), dict):
-            augment_known = {f.name for f in fields(AugmentConfig)}
-            bad = set(values["augment"]) - augment_known
-            if bad:
-                raise ValueError(f"unknown augment config keys: {sorted(bad)}")
+            check_keys(AugmentConfig, values["augment"], "augment")
             values["augment"] = AugmentConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in values["augment"].items()})
         cfg = cls(**values)
         cfg.validate()
