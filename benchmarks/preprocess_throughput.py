@@ -16,10 +16,8 @@ from __future__ import annotations
 import argparse
 import os
 import resource
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -28,6 +26,7 @@ import numpy as np
 from c3ae_ray.datasets import read_dataset
 from c3ae_ray.detect import FaceDetector
 from c3ae_ray.images import decode_image
+from measure import run_sampled
 
 UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 
@@ -41,45 +40,13 @@ def loop_rate(paths: list[str], detect, batch: int) -> float:
     return len(paths) / (time.perf_counter() - start)
 
 
-def tree_rss(root_pid: int) -> int:
-    """Resident bytes of a process and all its descendants, from /proc."""
-    children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
-            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
-        except (OSError, IndexError, ValueError):
-            continue
-    total, stack = 0, [root_pid]
-    while stack:
-        pid = stack.pop()
-        total += rss.get(pid, 0)
-        stack.extend(children.get(pid, []))
-    return total
-
-
 def run_pipeline(n: int, device: str) -> tuple[float, int, str]:
     """-> (images/s end to end, peak tree RSS bytes, the summary the CLI printed)."""
     with tempfile.TemporaryDirectory() as tmp:
         command = [str(Path(sys.executable).with_name("c3ae")), "preprocess", "--dataset", "utkface",
                    "--root", str(UTKFACE), "--out", f"{tmp}/out", "--limit", str(n), "--device", device]
-        start = time.perf_counter()
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-        peak = 0
-        done = threading.Event()
-        reader = threading.Thread(target=lambda: (setattr(done, "out", process.stdout.read()), done.set()))
-        reader.start()
-        while not done.wait(0.5):
-            peak = max(peak, tree_rss(process.pid))
-        process.wait()
-        elapsed = time.perf_counter() - start
-        if process.returncode != 0:
-            raise SystemExit(f"c3ae preprocess failed with exit code {process.returncode}")
-        return n / elapsed, peak, done.out
+        elapsed, samples, printed = run_sampled(command)
+        return n / elapsed, max(rss for _, rss in samples), printed
 
 
 def main() -> None:

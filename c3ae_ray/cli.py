@@ -67,6 +67,18 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _score(args: argparse.Namespace) -> int:
+    from c3ae_ray.score import ScoreConfig, format_summary, score
+
+    cfg = ScoreConfig(
+        input=args.input, out=args.out, model=args.model, device=args.device, actors=args.actors,
+        batch_size=args.batch_size, min_face_score=args.min_face_score, max_faces=args.max_faces,
+        max_pixels=args.max_pixels, overwrite=args.overwrite,
+    )
+    print(format_summary(score(cfg)))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -179,6 +191,29 @@ def _add_ablate(commands) -> None:
     parser.set_defaults(run=_evaluate)
 
 
+def _add_score(commands) -> None:
+    from c3ae_ray.images import DEFAULT_MAX_PIXELS
+
+    parser = commands.add_parser(
+        "score",
+        help="image store -> every face's age -> Parquet (Ray Data)",
+        description="Detect every face in a folder, a file list, one image or an s3:// (gs://) prefix and write one "
+        "Parquet row per face with its age; images without faces and unreadable files get a row each. Runs "
+        "on a local Ray, or the cluster at RAY_ADDRESS.",
+    )
+    parser.add_argument("--input", required=True, help="folder, image, list of images (a line each) or s3://bucket/prefix")
+    parser.add_argument("--out", required=True, help="output folder: a local path or s3://bucket/prefix")
+    parser.add_argument("--model", required=True, help="a model.pt from `c3ae train` (path or s3://)")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--actors", type=_positive_int, help="detector+model actors (default: one per CPU, or per GPU)")
+    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per actor batch")
+    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability for a face to count")
+    parser.add_argument("--max-faces", type=_positive_int, help="per image, most confident first (default: all)")
+    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="larger images are error rows")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
+    parser.set_defaults(run=_score)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="c3ae",
@@ -194,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(commands)
     _add_evaluate(commands)
     _add_ablate(commands)
+    _add_score(commands)
     return parser
 
 

@@ -90,6 +90,19 @@ class FaceDetector:
             net.to(memory_format=torch.channels_last)
             net.register_forward_pre_hook(_channels_last)
 
+    def detect_each(self, images: list[np.ndarray]) -> list["Faces | Exception"]:
+        """`detect`, but when a batch fails it goes image by image: one bad image cannot sink the others."""
+        try:
+            return self.detect(images)
+        except Exception:
+            results: list[Faces | Exception] = []
+            for image in images:
+                try:
+                    results.append(self.detect([image])[0])
+                except Exception as error:
+                    results.append(error)
+            return results
+
     def detect(self, images: list[np.ndarray]) -> list[Faces]:
         """RGB uint8 images of any sizes -> one Faces per image, in the same order."""
         results: list[Faces | None] = [None] * len(images)

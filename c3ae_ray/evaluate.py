@@ -35,9 +35,10 @@ import numpy as np
 import torch
 
 from c3ae_ray import __version__, storage
-from c3ae_ray.augment import AugmentConfig, crop_batch
+from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.model import VARIANTS, C3AE, ModelConfig, count_parameters
 from c3ae_ray.runtime import ray_runtime
+from c3ae_ray.score import predict_regions
 from c3ae_ray.train import (
     CA_YEARS,
     FaceData,
@@ -191,14 +192,6 @@ def age_metrics(predicted: np.ndarray, true: np.ndarray) -> dict:
             **{f"ca{years}": float((errors <= years).mean()) for years in CA_YEARS}}
 
 
-@torch.no_grad()
-def predict_regions(model: C3AE, regions: torch.Tensor, boxes: torch.Tensor, crop_size: int, batch_size: int = 256) -> np.ndarray:
-    """Ages for stored regions and their context boxes, cut exactly as every other stage cuts them."""
-    model.eval()
-    ages = [model(crop_batch(r, b, crop_size))[0].float() for r, b in zip(regions.split(batch_size), boxes.split(batch_size))]
-    return torch.cat(ages).cpu().numpy()
-
-
 def run_trial(config: dict, setup: dict) -> None:
     """Tune's function trainable: train one trial's model on its training rows, then predict its test rows.
 
@@ -239,7 +232,7 @@ def run_trial(config: dict, setup: dict) -> None:
         report = {"epoch": epoch, "train_loss": record["train_loss"], "train_l1": record["train_l1"],
                   "lr": optimizer.param_groups[0]["lr"]}
         if epoch == cfg.epochs:
-            predicted = predict_regions(model, regions[test_rows.to(device)], boxes[test_rows.to(device)], setup["crop_size"])
+            predicted, _ = predict_regions(model, regions[test_rows.to(device)], boxes[test_rows.to(device)], setup["crop_size"])
             report.update(
                 age_metrics(predicted, faces["age"][spec["test"]]),
                 predicted=predicted.round(3).tolist(),

@@ -13,6 +13,7 @@ distribution to the age (trained with L1).
 
 from __future__ import annotations
 
+import hashlib
 import io
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -215,16 +216,35 @@ def save_model(model: C3AE, path, *, crop_config: dict | None = None, meta: dict
     return len(data)
 
 
-def load_model(path) -> tuple[C3AE, dict]:
-    """Load a model file written by `save_model` (weights only, no pickled code) -> (model in eval mode, payload)."""
+def load_model(source, name: str | None = None) -> tuple[C3AE, dict]:
+    """Load a model file written by `save_model` (weights only, no pickled code) -> (model in eval mode, payload).
+
+    `source`: a local path, an s3:// or gs:// URI, the file's bytes, or a binary file object (`name` then says
+    what it is in errors). The payload also carries `sha256`, the file's digest, which names the exact weights.
+    """
+    if isinstance(source, bytes):
+        data = source
+    elif hasattr(source, "read"):
+        data = source.read()
+    else:
+        from c3ae_ray import storage
+
+        data = storage.read_bytes(str(source))
+    name = name or (str(source) if isinstance(source, (str, Path)) else "model file")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a torch archive
-        raise ValueError(f"{path}: not a C3AE model file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{name}: not a C3AE model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path}: not a C3AE model file (expected format {MODEL_FORMAT!r})")
+        raise ValueError(f"{name}: not a C3AE model file (expected format {MODEL_FORMAT!r})")
     model = C3AE(ModelConfig.from_dict(payload["model_config"]))
     model.load_state_dict(payload["state_dict"])
+    payload["sha256"] = hashlib.sha256(data).hexdigest()
     return model.eval(), payload
+
+
+def model_identity(payload: dict, location) -> tuple[str, str]:
+    """(name, version) that outputs carry: the file's own (a released model has them), else its file name and
+    the start of its digest, so two different weights never share a version."""
+    meta = payload.get("meta") or {}
+    return str(meta.get("name") or Path(str(location)).stem), str(meta.get("version") or payload["sha256"][:12])

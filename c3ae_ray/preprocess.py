@@ -29,7 +29,7 @@ from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.datasets import read_dataset
 from c3ae_ray.detect import DetectorConfig, FaceDetector
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from c3ae_ray.runtime import cpus_per_worker, ray_runtime
+from c3ae_ray.runtime import pool_shape, ray_runtime
 
 STATUSES = ("kept", "no_face", "multi_face", "bad_age", "unreadable")
 
@@ -103,20 +103,6 @@ def _read(path: str, max_pixels: int) -> np.ndarray:
     return decode_image(data, max_pixels)
 
 
-def _detect_each(detector: FaceDetector, images: list[np.ndarray]) -> list:
-    """Batched detection; when a batch fails, image by image so one bad image cannot sink the others."""
-    try:
-        return detector.detect(images)
-    except Exception:
-        results = []
-        for image in images:
-            try:
-                results.append(detector.detect([image])[0])
-            except Exception as error:
-                results.append(error)
-        return results
-
-
 def process_records(records: list[dict], detector: FaceDetector, cfg: PreprocessConfig) -> pa.Table:
     """One batch of records -> one row per record (status says what became of it). No Ray in here."""
     rows, pending = [], []
@@ -130,7 +116,7 @@ def process_records(records: list[dict], detector: FaceDetector, cfg: Preprocess
             pending.append((base, _read(record["path"], cfg.max_pixels)))
         except ImageError as error:
             rows.append(_row(base, "unreadable", f"{error.reason}: {error}"))
-    found_per_image = _detect_each(detector, [image for _, image in pending]) if pending else []
+    found_per_image = detector.detect_each([image for _, image in pending]) if pending else []
     for (base, image), found in zip(pending, found_per_image):
         size = {"image_width": image.shape[1], "image_height": image.shape[0]}
         if isinstance(found, Exception):
@@ -183,18 +169,6 @@ def mark_bad_ages(records: list[dict], cfg: PreprocessConfig, labelled: bool) ->
     return marked
 
 
-def pool_shape(cluster: dict, device: str, detectors: int | None) -> tuple[int, float, float]:
-    """(actors, CPUs per actor, GPUs per actor) that never claim every CPU: Ray Data's other tasks need one."""
-    cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-    if device == "cuda":
-        if gpus <= 0:
-            raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
-        actors = detectors or int(gpus)
-        return actors, cpus_per_worker(cpus, actors), min(1.0, gpus / actors)
-    actors = detectors or max(1, int(cpus))
-    return actors, cpus_per_worker(cpus, actors), 0.0
-
-
 def _count(filesystem, staging: str) -> tuple[dict, dict]:
     """Rows per status and unreadable rows per reason code, read from the written Parquet (small columns only)."""
     import pyarrow.dataset as pads
@@ -241,8 +215,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     try:
         with ray_runtime():
             cluster = ray.cluster_resources()
-            device = cfg.device if cfg.device != "auto" else ("cuda" if cluster.get("GPU", 0) > 0 else "cpu")
-            actors, cpus, gpus = pool_shape(cluster, device, cfg.detectors)
+            device, actors, cpus, gpus = pool_shape(cluster, cfg.device, cfg.detectors)
             run_cfg = replace(cfg, device=device)
             blocks = max(8 * actors, math.ceil(len(records) / 1000))
             pipeline_started = time.perf_counter()

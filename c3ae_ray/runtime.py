@@ -38,3 +38,18 @@ def cpus_per_worker(cluster_cpus: float, workers: int) -> float:
     """CPUs each of `workers` actors may claim so that at least one CPU (or half a small cluster) stays free:
     Ray Data's read, decode and write tasks need it, and a pool that takes every CPU hangs the pipeline."""
     return min(1.0, max(cluster_cpus - 1, cluster_cpus / 2) / workers)
+
+
+def pool_shape(cluster: dict, device: str, actors: int | None) -> tuple[str, int, float, float]:
+    """(device, actors, CPUs per actor, GPUs per actor) for a detector pool: 'auto' takes the cluster's GPUs when
+    it has any; CPU actors never claim every CPU, since Ray Data's other tasks need one."""
+    cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
+    if device == "auto":
+        device = "cuda" if gpus > 0 else "cpu"
+    if device == "cuda":
+        if gpus <= 0:
+            raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
+        actors = actors or int(gpus)
+        return device, actors, cpus_per_worker(cpus, actors), min(1.0, gpus / actors)
+    actors = actors or max(1, int(cpus))
+    return device, actors, cpus_per_worker(cpus, actors), 0.0

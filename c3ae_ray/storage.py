@@ -100,6 +100,15 @@ def delete_tree(filesystem: pafs.FileSystem, path: str) -> None:
         filesystem.delete_file(path)
 
 
+def read_bytes(location: str) -> bytes:
+    """A whole (small) file from a local path or an object-store URI; FileNotFoundError when it is not there."""
+    filesystem, path = resolve(location)
+    if filesystem.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(f"{location} does not exist or is not a file")
+    with filesystem.open_input_stream(path) as stream:
+        return stream.read()
+
+
 def write_json(filesystem: pafs.FileSystem, path: str, value) -> None:
     with filesystem.open_output_stream(path) as stream:
         stream.write(json.dumps(value, indent=2, sort_keys=False).encode() + b"\n")

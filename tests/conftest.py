@@ -108,3 +108,18 @@ def s3_server():
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def model_file(tmp_path_factory) -> Path:
+    """An untrained full C3AE (seed 0) in the model-file format: enough for scoring and serving mechanics,
+    where what is checked is that each face gets the model's own output, not that the age is right."""
+    import torch
+
+    from c3ae_ray.crops import CropConfig
+    from c3ae_ray.model import C3AE, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "seed0.pt"
+    save_model(C3AE().eval(), path, crop_config=CropConfig().to_dict(), meta={"epochs": 0})
+    return path

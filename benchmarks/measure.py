@@ -1,0 +1,47 @@
+"""What the benchmarks share: resident memory of a process tree, sampled while a command runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+
+def tree_rss(root_pid: int) -> int:
+    """Resident bytes of a process and all its descendants, from /proc."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            children.setdefault(int(stat[1]), []).append(int(entry.name))
+            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+        except (OSError, IndexError, ValueError):
+            continue
+    total, stack = 0, [root_pid]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+def run_sampled(command: list[str], every_s: float = 0.5) -> tuple[float, list[tuple[float, int]], str]:
+    """Run `command`, sampling its process tree's RSS; -> (seconds, [(t, bytes)], stdout). Exits on failure."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    samples: list[tuple[float, int]] = []
+    done = threading.Event()
+    reader = threading.Thread(target=lambda: (setattr(done, "out", process.stdout.read()), done.set()))
+    reader.start()
+    while not done.wait(every_s):
+        samples.append((time.perf_counter() - start, tree_rss(process.pid)))
+    process.wait()
+    elapsed = time.perf_counter() - start
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:2])} failed with exit code {process.returncode}")
+    return elapsed, samples, done.out

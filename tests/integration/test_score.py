@@ -1,0 +1,81 @@
+"""`score` on the session's local Ray: a folder of good and bad images, reruns, and S3 in and out."""
+
+from __future__ import annotations
+
+import shutil
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+
+from c3ae_ray import storage
+from c3ae_ray.score import ScoreConfig, score
+from tests import fixtures
+from tests.bad_files import write_bad_files
+
+
+def run(input, out, model, **options) -> dict:
+    options.setdefault("actors", 1)
+    return score(ScoreConfig(input=str(input), out=str(out), model=str(model), **options))
+
+
+@pytest.fixture(scope="module")
+def image_store(shared_data, tmp_path_factory):
+    """3 photos (6 faces, 1 face, none), 4 UTKFace faces in a subfolder, and the known bad files."""
+    root = tmp_path_factory.mktemp("store")
+    for name in ("multiface.jpg", "ivan.jpg", "no-faces.jpg"):
+        shutil.copyfile(shared_data / "faces" / name, root / name)
+    (root / "utk").mkdir()
+    for face in fixtures.utk_faces(shared_data / "utkface", 4):
+        shutil.copyfile(face, root / "utk" / face.name)
+    reasons = write_bad_files(root / "bad", (shared_data / "faces" / "ivan.jpg").read_bytes())
+    return root, reasons
+
+
+def test_folder_rows_and_counts(ray_session, image_store, model_file, tmp_path):
+    root, reasons = image_store
+    summary = run(root, tmp_path / "out", model_file, batch_size=4)
+    assert summary["images"] == summary["listed"] == 3 + 4 + len(reasons)
+    assert summary["faces"] == 6 + 1 + 4 and summary["images_with_faces"] == 6
+    assert summary["no_face"] == 1 and summary["errors"] == len(reasons)
+    assert summary["error_reasons"] == {"empty": 1, "undecodable": 3, "too_large": 1}
+    assert summary["model"]["name"] == "seed0" and len(summary["model"]["bins"]) == 12
+    rows = pq.read_table(tmp_path / "out" / "predictions").to_pylist()
+    assert storage.require_complete(str(tmp_path / "out"))[2]["faces"] == 11
+    group = sorted((r for r in rows if r["path"].endswith("multiface.jpg")), key=lambda r: r["face_index"])
+    assert [r["face_index"] for r in group] == list(range(6)) and all(r["status"] == "face" for r in group)
+    for name, reason in reasons.items():
+        (row,) = [r for r in rows if r["path"] == str(root / "bad" / name)]
+        assert row["status"] == "error" and row["reason"].startswith(reason)
+
+
+def test_rerun_refused_then_overwrite_without_duplicates(ray_session, image_store, model_file, tmp_path):
+    root, _ = image_store
+    out = tmp_path / "out"
+    first = run(root / "utk", out, model_file)
+    with pytest.raises(storage.OutputExistsError):
+        run(root / "utk", out, model_file)
+    again = run(root / "utk", out, model_file, overwrite=True, max_faces=1)
+    assert first["faces"] == again["faces"] == 4
+    assert pq.read_table(out / "predictions").num_rows == 4
+    assert [p.name for p in out.iterdir()] and not list(tmp_path.glob("out.partial-*"))
+
+
+def test_s3_input_and_output_on_a_loopback_server(ray_session, shared_data, model_file, s3_server):
+    filesystem, _ = storage.resolve("s3://c3ae-test/photos")
+    for name in ("multiface.jpg", "ivan.jpg", "no-faces.jpg"):
+        with filesystem.open_output_stream(f"c3ae-test/photos/{name}") as stream:
+            stream.write((shared_data / "faces" / name).read_bytes())
+    with filesystem.open_output_stream("c3ae-test/photos/nested/corrupt.jpg") as stream:
+        stream.write(b"\xff\xd8\xff\xe0 not really a jpeg")
+    summary = run("s3://c3ae-test/photos", "s3://c3ae-test/scores/run1", model_file)
+    assert (summary["images"], summary["faces"], summary["no_face"], summary["errors"]) == (4, 7, 1, 1)
+    out_fs, path, written = storage.require_complete("s3://c3ae-test/scores/run1")
+    assert written["faces"] == 7
+    rows = pads.dataset(f"{path}/predictions", filesystem=out_fs, format="parquet").to_table().to_pylist()
+    assert sorted({r["path"] for r in rows}) == [
+        "s3://c3ae-test/photos/ivan.jpg", "s3://c3ae-test/photos/multiface.jpg",
+        "s3://c3ae-test/photos/nested/corrupt.jpg", "s3://c3ae-test/photos/no-faces.jpg",
+    ]
+    (corrupt,) = [r for r in rows if r["path"].endswith("corrupt.jpg")]
+    assert corrupt["status"] == "error" and corrupt["reason"].startswith("undecodable")

@@ -1,0 +1,127 @@
+"""Scoring without Ray: listing an image store, reading files, one image -> its faces' ages -> rows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from c3ae_ray.crops import face_crops
+from c3ae_ray.images import decode_image
+from c3ae_ray.model import crops_to_tensor, load_model, model_identity
+from c3ae_ray.score import AgeEstimator, list_images, read_images, score_batch
+from tests.bad_files import write_bad_files
+
+
+@pytest.fixture(scope="module")
+def estimator(model_file):
+    torch.set_num_threads(1)
+    return AgeEstimator(model_file, device="cpu")
+
+
+def test_folder_listing_is_recursive_sorted_and_images_only(tmp_path):
+    for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "sub/deeper/d.webp", "notes.txt", ".hidden.jpg", "sub/labels.csv"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    images, filesystems = list_images(str(tmp_path))
+    assert images == [str(tmp_path / n) for n in ("a.PNG", "b.jpg", "sub/c.jpeg", "sub/deeper/d.webp")]
+    assert list(filesystems) == [""]
+
+
+def test_single_image_and_file_list(tmp_path):
+    (tmp_path / "one.jpg").write_bytes(b"x")
+    assert list_images(str(tmp_path / "one.jpg"))[0] == [str(tmp_path / "one.jpg")]
+    listing = tmp_path / "lists" / "images.txt"
+    listing.parent.mkdir()
+    listing.write_text(f"# a comment\n../one.jpg\n\n  {tmp_path}/missing.jpg  \nrelative/two.png\n")
+    images, _ = list_images(str(listing))
+    # entries are taken as listed (a missing one becomes an error row later), relative to the list's folder
+    assert images == sorted([f"{tmp_path}/lists/../one.jpg", f"{tmp_path}/missing.jpg", f"{tmp_path}/lists/relative/two.png"])
+
+
+def test_listing_errors_are_clear(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        list_images(str(tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="no images"):
+        list_images(str(tmp_path / "empty"))
+    (tmp_path / "blank.txt").write_text("# nothing\n\n")
+    with pytest.raises(ValueError, match="names no images"):
+        list_images(str(tmp_path / "blank.txt"))
+    (tmp_path / "binary.dat").write_bytes(bytes(range(256)))
+    with pytest.raises(ValueError, match="neither an image nor"):
+        list_images(str(tmp_path / "binary.dat"))
+
+
+def test_read_images_turns_unreadable_files_into_errors(tmp_path):
+    (tmp_path / "ok.jpg").write_bytes(b"bytes")
+    (tmp_path / "folder.jpg").mkdir()
+    paths = [str(tmp_path / n) for n in ("ok.jpg", "missing.jpg", "folder.jpg")]
+    _, filesystems = list_images(str(tmp_path / "ok.jpg"))
+    read = read_images(pa.table({"path": paths}), filesystems).to_pylist()
+    assert read[0] == {"path": paths[0], "data": b"bytes", "error": None}
+    for row in read[1:]:
+        assert row["data"] is None and row["error"].startswith("read_error: ")
+
+
+def test_each_face_gets_the_model_output_on_the_shared_crop_geometry(estimator, model_file, shared_data):
+    image = decode_image((shared_data / "faces" / "multiface.jpg").read_bytes())
+    (result,) = estimator.estimate([image])
+    assert result.n_faces == len(result.faces) == 6
+    scores = [face.score for face in result.faces]
+    assert scores == sorted(scores, reverse=True) and min(scores) >= 0.9
+    model, _ = load_model(model_file)
+    crops = np.stack([face_crops(image, face.box, estimator.crop) for face in result.faces])
+    with torch.inference_mode():
+        ages, distributions = model(crops_to_tensor(crops))
+    # the scorer cuts with the batched training crops (no uint8 rounding): equal to well under a year
+    np.testing.assert_allclose([f.age for f in result.faces], ages.clamp_min(0).numpy(), atol=0.05)
+    np.testing.assert_allclose(np.stack([f.distribution for f in result.faces]), distributions.numpy(), atol=2e-3)
+    assert all(f.landmarks.shape == (5, 2) for f in result.faces)
+
+
+def test_max_faces_keeps_the_most_confident_and_counts_all(model_file, shared_data):
+    image = decode_image((shared_data / "faces" / "multiface.jpg").read_bytes())
+    capped = AgeEstimator(model_file, device="cpu", max_faces=2).estimate([image])[0]
+    full = AgeEstimator(model_file, device="cpu").estimate([image])[0]
+    assert capped.n_faces == 6 and len(capped.faces) == 2
+    assert [f.age for f in capped.faces] == pytest.approx([f.age for f in full.faces[:2]], abs=1e-4)
+    with pytest.raises(ValueError, match="max_faces"):
+        AgeEstimator(model_file, device="cpu", max_faces=0)
+
+
+def test_rows_for_faces_no_face_and_bad_files(estimator, shared_data, tmp_path):
+    faces = shared_data / "faces"
+    reasons = write_bad_files(tmp_path, (faces / "ivan.jpg").read_bytes())
+    records = [{"path": name, "data": (tmp_path / name).read_bytes(), "error": None} for name in reasons]
+    records += [{"path": n, "data": (faces / n).read_bytes(), "error": None} for n in ("multiface.jpg", "no-faces.jpg", "ivan.jpg")]
+    records.append({"path": "gone.jpg", "data": None, "error": "read_error: FileNotFoundError: gone"})
+    rows = score_batch(pa.Table.from_pylist(records), estimator, ("test", "7"), max_pixels=64_000_000).to_pylist()
+    by_path: dict[str, list[dict]] = {}
+    for row in rows:
+        by_path.setdefault(row["path"], []).append(row)
+    assert set(by_path) == {r["path"] for r in records}
+    for name, reason in reasons.items():
+        (row,) = by_path[name]
+        assert row["status"] == "error" and row["reason"].split(":")[0] == reason and row["age"] is None
+    assert by_path["gone.jpg"][0]["reason"].startswith("read_error")
+    (no_face,) = by_path["no-faces.jpg"]
+    assert no_face["status"] == "no_face" and no_face["n_faces"] == 0 and no_face["image_width"] == 199
+    group = by_path["multiface.jpg"]
+    assert [r["face_index"] for r in group] == list(range(6)) and {r["n_faces"] for r in group} == {6}
+    (single,) = by_path["ivan.jpg"]
+    assert single["status"] == "face" and len(single["box"]) == 4 and len(single["landmarks"]) == 10
+    assert len(single["distribution"]) == 12 and sum(single["distribution"]) == pytest.approx(1, abs=1e-4)
+    assert single["age"] >= 0 and single["face_score"] >= 0.9
+    assert {(r["model_name"], r["model_version"]) for r in rows} == {("test", "7")}
+
+
+def test_model_identity_names_the_exact_weights(model_file):
+    data = model_file.read_bytes()
+    _, payload = load_model(data)
+    name, version = model_identity(payload, model_file)
+    assert name == "seed0" and len(version) == 12 and payload["sha256"].startswith(version)
+    assert model_identity({**payload, "meta": {"name": "c3ae-utkface", "version": "1.0"}}, model_file) == ("c3ae-utkface", "1.0")
+    with pytest.raises(FileNotFoundError):
+        load_model(model_file.parent / "absent.pt")
