@@ -143,8 +143,9 @@ def in_validation(key: str, fraction: float) -> bool:
 
 
 def split_key(path: str, subject: str | None) -> str:
-    """All faces of one person fall on the same side of the split; without subjects each image is its own key."""
-    return f"subject:{subject}" if subject else f"path:{path}"
+    """All faces of one person fall on the same side of the split; without subjects each image is its own key.
+    The key is the file name, not the path, so that a split is the same wherever the data lives."""
+    return f"subject:{subject}" if subject else f"file:{path.rsplit('/', 1)[-1]}"
 
 
 def decode_faces(batch, split: str | None, val_fraction: float, crop: CropConfig) -> dict:

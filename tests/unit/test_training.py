@@ -50,6 +50,7 @@ def test_the_validation_split_is_deterministic_close_to_its_fraction_and_keeps_p
     assert chosen == [in_validation(key, 0.1) for key in keys]
     assert 0.09 < np.mean(chosen) < 0.11
     assert split_key("/a.jpg", "7") == split_key("/b.jpg", "7") != split_key("/a.jpg", None)
+    assert split_key("/x/data/a.jpg", None) == split_key("s3://bucket/a.jpg", None)  # the same split on any machine
     assert all(in_validation(k, 0.2) for k in keys if in_validation(k, 0.1))  # a larger share only adds rows
 
 
