@@ -1,11 +1,14 @@
 # One entry point for a fresh machine with only Python 3.11 and make:
-#   make test     create .venv, install everything, run the whole suite
+#   make test     create .venv, install everything (and Debian's chromium for the browser test), run the whole suite
 # Re-running is quick: the install step is redone only when pyproject.toml or this file changes.
 PYTHON ?= python3.11
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 FACENET := facenet-pytorch==2.6.0
+# The web page's test drives the system's Chromium (Debian's package) with Playwright; nothing is downloaded.
+CHROMIUM := /usr/bin/chromium
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: install test unit clean
 
@@ -21,8 +24,13 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+$(CHROMIUM):
+	@command -v apt-get >/dev/null || { echo "error: the web page test needs Chromium at $(CHROMIUM) (Debian's chromium package)"; exit 1; }
+	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
+	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+
 # pytest exits 5 when it collected no test: that is a failure here, said in words.
-test: install
+test: install $(CHROMIUM)
 	@$(BIN)/python -m pytest tests; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
 

@@ -40,7 +40,7 @@ def loop(paths_file: str, model: str) -> None:
     images = [decode_image(Path(p).read_bytes()) for p in paths[:500]]
     start = time.perf_counter()
     for i in range(0, len(images), 32):
-        estimator.detector.detect_each(images[i : i + 32])
+        estimator.cutter.detector.detect_each(images[i : i + 32])
     detect_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(0, len(images), 32):

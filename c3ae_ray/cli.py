@@ -214,6 +214,42 @@ def _add_score(commands) -> None:
     parser.set_defaults(run=_score)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from c3ae_ray.serving import Limits, ServeConfig, serve_forever
+
+    limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_in_flight=args.max_in_flight, timeout_s=args.timeout)
+    cfg = ServeConfig(
+        model=args.model, device=args.device, host=args.host, port=args.port, min_face_score=args.min_face_score,
+        max_batch_size=args.max_batch_size, limits=limits,
+    )
+    served = serve_forever(cfg)
+    print(f"c3ae serve: stopped after {served['served_s']:.0f} s")
+    return 0
+
+
+def _add_serve(commands) -> None:
+    from c3ae_ray.serving import API_KEY_ENV, Limits, ServeConfig
+
+    parser = commands.add_parser(
+        "serve",
+        help="HTTP API and web page for the ages of the faces in a photo (Ray Serve)",
+        description="Start the Serve app (POST /v1/age, GET /healthz, the web page at /, OpenAPI at /docs) on an "
+        f"embedded local Ray, or the cluster at RAY_ADDRESS, until Ctrl-C. With ${API_KEY_ENV} set, /v1/* needs "
+        "that key (Authorization: Bearer KEY or X-API-Key).",
+    )
+    parser.add_argument("--model", required=True, help="a model.pt from `c3ae train` (path or s3://)")
+    parser.add_argument("--host", default=ServeConfig.host)
+    parser.add_argument("--port", type=_positive_int, default=ServeConfig.port)
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--min-face-score", type=float, default=ServeConfig.min_face_score, help="MTCNN probability for a face to count")
+    parser.add_argument("--max-batch-size", type=_positive_int, default=ServeConfig.max_batch_size, help="requests per detector or model batch")
+    parser.add_argument("--max-body-bytes", type=_positive_int, default=Limits.max_body_bytes, help="larger bodies get 413")
+    parser.add_argument("--max-pixels", type=_positive_int, default=Limits.max_pixels, help="larger images get 413")
+    parser.add_argument("--max-in-flight", type=_positive_int, default=Limits.max_in_flight, help="more concurrent requests get 503")
+    parser.add_argument("--timeout", type=float, default=Limits.timeout_s, help="seconds before a request gets 504")
+    parser.set_defaults(run=_serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="c3ae",
@@ -230,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_ablate(commands)
     _add_score(commands)
+    _add_serve(commands)
     return parser
 
 

@@ -27,6 +27,10 @@ class DetectorConfig:
     def to_dict(self) -> dict:
         return {**asdict(self), "thresholds": list(self.thresholds)}
 
+    @classmethod
+    def from_dict(cls, values: dict) -> "DetectorConfig":
+        return cls(**{**values, "thresholds": tuple(values.get("thresholds", cls.thresholds))})
+
 
 @dataclass
 class Faces:

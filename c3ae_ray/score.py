@@ -35,7 +35,7 @@ from c3ae_ray import __version__, storage
 from c3ae_ray.augment import crop_batch
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.datasets import IMAGE_EXTENSIONS
-from c3ae_ray.detect import DetectorConfig, FaceDetector
+from c3ae_ray.detect import DetectorConfig, FaceDetector, Faces, resolve_device
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from c3ae_ray.model import C3AE, load_model, model_identity
 from c3ae_ray.runtime import pool_shape, ray_runtime
@@ -115,9 +115,106 @@ def predict_regions(model: C3AE, regions: torch.Tensor, boxes: torch.Tensor, cro
     return torch.cat(ages).cpu().numpy(), torch.cat(distributions).cpu().numpy() if distributions else None
 
 
+@dataclass(frozen=True)
+class CutFaces:
+    """One image's faces over the score threshold, with the model's input cut for the first `len(regions)`."""
+
+    faces: Faces  # most confident first
+    regions: np.ndarray  # (k, R, R, 3) uint8: `crops.cut_region` of the k most confident faces
+    boxes: np.ndarray  # (k, S, 4) their context boxes in region coordinates
+
+
+class FaceCutter:
+    """The detector half of inference: RGB images -> faces over `min_face_score` and their cut regions."""
+
+    def __init__(
+        self,
+        crop: CropConfig,
+        device: str = "auto",
+        min_face_score: float = 0.9,
+        detector: DetectorConfig = DetectorConfig(),
+    ):
+        self.detector = FaceDetector(device, detector)
+        self.device = self.detector.device
+        self.crop = crop
+        self.min_face_score = min_face_score
+
+    def cut(self, images: list[np.ndarray], max_faces: list[int | None]) -> list[CutFaces | Exception]:
+        """One result per image, in order; an image the detector or the crops fail on gives its exception."""
+        results: list[CutFaces | Exception] = []
+        for image, faces, limit in zip(images, self.detector.detect_each(images) if images else [], max_faces):
+            if isinstance(faces, Exception):
+                results.append(faces)
+                continue
+            faces = faces.above(self.min_face_score)
+            try:
+                cut = [cut_region(image, box, self.crop) for box in faces.boxes[:limit]]
+            except Exception as error:
+                results.append(error)
+                continue
+            side, scales = self.crop.region_size, len(self.crop.scales)
+            results.append(
+                CutFaces(
+                    faces,
+                    np.stack([r for r, _ in cut]) if cut else np.zeros((0, side, side, 3), np.uint8),
+                    np.stack([b for _, b in cut]) if cut else np.zeros((0, scales, 4), np.float32),
+                )
+            )
+        return results
+
+
+class AgeModel:
+    """The model half of inference: cut regions -> ages and bin distributions, in one batch."""
+
+    def __init__(self, model_source, device: str = "auto"):
+        self.device = resolve_device(device)
+        self.model, self.payload = load_model(model_source)
+        self.model.to(self.device)
+        self.crop = CropConfig.from_dict(self.payload["crop_config"]) if self.payload.get("crop_config") else CropConfig()
+
+    def predict(self, regions: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        if not len(regions):
+            return np.zeros(0, np.float32), None
+        return predict_regions(
+            self.model,
+            torch.from_numpy(regions).to(self.device),
+            torch.from_numpy(boxes).to(self.device),
+            self.crop.size,
+        )
+
+
+def ages_of(cut: list[CutFaces | Exception], ages: np.ndarray, distributions: np.ndarray | None):
+    """Per-image results from the model's output over the concatenated regions of `cut`, in order."""
+    results: list[ImageAges | Exception] = []
+    start = 0
+    for item in cut:
+        if isinstance(item, Exception):
+            results.append(item)
+            continue
+        faces = item.faces
+        results.append(
+            ImageAges(
+                [
+                    FaceAge(
+                        faces.boxes[j],
+                        float(faces.scores[j]),
+                        faces.landmarks[j],
+                        float(ages[start + j]),
+                        None if distributions is None else distributions[start + j],
+                    )
+                    for j in range(len(item.regions))
+                ],
+                len(faces),
+            )
+        )
+        start += len(item.regions)
+    return results
+
+
 class AgeEstimator:
     """RGB images -> every face's box, detector score and age: MTCNN, then `crops.cut_region` and the batched
-    crops that training uses, then C3AE in one batch. The one inference path of scoring and serving."""
+    crops that training uses, then C3AE in one batch. Scoring runs both halves in one actor; serving runs
+    `FaceCutter` and `AgeModel` as separate deployments and joins them with `ages_of`."""
 
     def __init__(
         self,
@@ -129,65 +226,21 @@ class AgeEstimator:
     ):
         if max_faces is not None and max_faces < 1:
             raise ValueError(f"max_faces must be at least 1, got {max_faces}")
-        self.detector = FaceDetector(device, detector)
-        self.device = self.detector.device
-        self.model, payload = load_model(model_source)
-        self.model.to(self.device)
-        self.crop = CropConfig.from_dict(payload["crop_config"]) if payload.get("crop_config") else CropConfig()
-        self.min_face_score = min_face_score
+        self.age_model = AgeModel(model_source, device)
+        self.cutter = FaceCutter(self.age_model.crop, self.age_model.device, min_face_score, detector)
+        self.device, self.crop, self.model = self.age_model.device, self.age_model.crop, self.age_model.model
         self.max_faces = max_faces
 
     def estimate(self, images: list[np.ndarray]) -> list[ImageAges | Exception]:
         """One result per image, in order; an image the detector or the crops fail on gives its exception."""
-        found = self.detector.detect_each(images) if images else []
-        kept: list[tuple | Exception] = []
-        regions, boxes = [], []
-        for image, faces in zip(images, found):
-            if isinstance(faces, Exception):
-                kept.append(faces)
-                continue
-            faces = faces.above(self.min_face_score)
-            n_kept = len(faces) if self.max_faces is None else min(len(faces), self.max_faces)
-            try:
-                cut = [cut_region(image, box, self.crop) for box in faces.boxes[:n_kept]]
-            except Exception as error:
-                kept.append(error)
-                continue
-            regions += [region for region, _ in cut]
-            boxes += [context for _, context in cut]
-            kept.append((faces, n_kept))
-        ages, distributions = np.zeros(0), None
-        if regions:
-            ages, distributions = predict_regions(
-                self.model,
-                torch.from_numpy(np.stack(regions)).to(self.device),
-                torch.from_numpy(np.stack(boxes)).to(self.device),
-                self.crop.size,
-            )
-        results: list[ImageAges | Exception] = []
-        next_face = 0
-        for item in kept:
-            if isinstance(item, Exception):
-                results.append(item)
-                continue
-            faces, n_kept = item
-            results.append(
-                ImageAges(
-                    [
-                        FaceAge(
-                            faces.boxes[j],
-                            float(faces.scores[j]),
-                            faces.landmarks[j],
-                            float(ages[next_face + j]),
-                            None if distributions is None else distributions[next_face + j],
-                        )
-                        for j in range(n_kept)
-                    ],
-                    len(faces),
-                )
-            )
-            next_face += n_kept
-        return results
+        cut = self.cutter.cut(images, [self.max_faces] * len(images))
+        kept = [item for item in cut if not isinstance(item, Exception)]
+        if not kept:
+            return ages_of(cut, np.zeros(0, np.float32), None)
+        ages, distributions = self.age_model.predict(
+            np.concatenate([item.regions for item in kept]), np.concatenate([item.boxes for item in kept])
+        )
+        return ages_of(cut, ages, distributions)
 
 
 # ---- the image store: listing and reading ----

@@ -279,3 +279,12 @@ def kill_ray_process(ray_session, title: str) -> int | None:
                 os.kill(int(entry.name), signal.SIGKILL)
                 return int(entry.name)
     return None
+
+
+def free_port() -> int:
+    """A loopback TCP port nobody listens on now."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

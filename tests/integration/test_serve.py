@@ -1,0 +1,180 @@
+"""The Serve app over real loopback HTTP: answers, the three body forms, every error status, batching, limits."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+
+import numpy as np
+import requests
+from PIL import Image
+
+from c3ae_ray.images import decode_image
+from c3ae_ray.score import AgeEstimator
+from c3ae_ray.serving import API_KEY_ENV, APP_NAME, build_app, wait_until_healthy
+from tests import fixtures
+
+
+def post_image(url: str, data: bytes, content_type: str = "image/jpeg", **kwargs) -> requests.Response:
+    return requests.post(f"{url}/v1/age", data=data, headers={"Content-Type": content_type}, timeout=60, **kwargs)
+
+
+def redeploy(cfg) -> None:
+    """Same model and workers, new ingress settings: Serve updates the app in place."""
+    from ray import serve
+
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    wait_until_healthy(f"http://{cfg.host}:{cfg.port}")
+
+
+def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, shared_data, model_file):
+    url, _ = served
+    estimator = AgeEstimator(model_file, device="cpu")
+    faces = shared_data / "faces"
+    for name, expected_faces in [("multiface.jpg", 6), ("ivan.jpg", 1), ("no-faces.jpg", 0)]:
+        data = (faces / name).read_bytes()
+        answer = post_image(url, data)
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        (local,) = estimator.estimate([decode_image(data)])
+        assert len(body["faces"]) == body["n_faces"] == expected_faces == len(local.faces), name
+        for served_face, local_face in zip(body["faces"], local.faces):
+            np.testing.assert_allclose(served_face["box"], local_face.box, atol=0.06)
+            assert served_face["score"] >= 0.9
+            assert abs(served_face["age"] - local_face.age) <= 0.05 + 1e-6  # the one inference path: no skew
+            distribution = served_face["age_distribution"]
+            assert list(distribution) == [f"{b}" for b in range(0, 120, 10)]
+            assert abs(sum(distribution.values()) - 1) < 0.01
+        assert body["model"] == {"name": "seed0", "version": body["model"]["version"], "sha256": body["model"]["sha256"]}
+        assert len(body["model"]["version"]) == 12 and body["request_id"]
+        assert answer.headers["x-request-id"] == body["request_id"]
+        assert body["image"] == dict(zip(("width", "height"), Image.open(faces / name).size))
+
+
+def test_raw_multipart_and_json_bodies_give_the_same_answer_and_max_faces_caps_it(served, shared_data):
+    url, _ = served
+    data = (shared_data / "faces" / "multiface.jpg").read_bytes()
+    encoded = base64.b64encode(data).decode()
+    answers = [
+        post_image(url, data),
+        requests.post(f"{url}/v1/age", files={"file": ("multiface.jpg", data, "image/jpeg")}, timeout=60),
+        requests.post(f"{url}/v1/age", json={"image": encoded}, timeout=60),
+        requests.post(f"{url}/v1/age", json={"image": f"data:image/jpeg;base64,{encoded}"}, timeout=60),
+    ]
+    assert [a.status_code for a in answers] == [200] * 4, [a.text for a in answers]
+    ages = [[face["age"] for face in a.json()["faces"]] for a in answers]
+    assert all(a == ages[0] for a in ages) and len(ages[0]) == 6
+    capped = [
+        post_image(url, data, params={"max_faces": 2}),
+        requests.post(f"{url}/v1/age", files={"file": ("m.jpg", data, "image/jpeg")}, data={"max_faces": "2"}, timeout=60),
+        requests.post(f"{url}/v1/age", json={"image": encoded, "max_faces": 2}, timeout=60),
+    ]
+    for answer in capped:
+        body = answer.json()
+        assert [f["age"] for f in body["faces"]] == ages[0][:2] and body["n_faces"] == 6
+
+
+def png_header_bomb() -> bytes:
+    """A small PNG that declares 9000 x 9000 pixels (81 Mpx, over the default cap of 64 Mpx)."""
+    stream = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(stream, format="PNG")
+    return stream.getvalue()
+
+
+def test_every_bad_input_gets_its_status_in_one_json_envelope_and_the_server_stays_healthy(served, shared_data):
+    url, cfg = served
+    jpeg = (shared_data / "faces" / "ivan.jpg").read_bytes()
+    cases = [
+        ("undecodable bytes", dict(data=b"not an image at all", headers={"Content-Type": "image/jpeg"}), 400, "undecodable"),
+        ("truncated JPEG header", dict(data=jpeg[:200], headers={"Content-Type": "image/jpeg"}), 400, "undecodable"),
+        ("empty body", dict(data=b"", headers={"Content-Type": "image/png"}), 400, "empty"),
+        ("malformed JSON", dict(data=b'{"image": ', headers={"Content-Type": "application/json"}), 400, "bad_json"),
+        ("JSON without image", dict(json={"picture": "x"}), 400, "bad_json"),
+        ("bad base64", dict(json={"image": "%%%not base64%%%"}), 400, "bad_base64"),
+        ("multipart without file", dict(files={"photo": ("a.jpg", jpeg, "image/jpeg")}), 400, "bad_multipart"),
+        ("max_faces 0", dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"max_faces": 0}), 400, "bad_request"),
+        ("max_faces not a number", dict(json={"image": base64.b64encode(jpeg).decode(), "max_faces": "lots"}), 400, "bad_request"),
+        ("body over 10 MB", dict(data=b"\xff" * (cfg.limits.max_body_bytes + 1), headers={"Content-Type": "image/jpeg"}), 413, "body_too_large"),
+        ("pixel bomb", dict(data=png_header_bomb(), headers={"Content-Type": "image/png"}), 413, "too_large"),
+        ("text body", dict(data=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type"),
+        ("GIF", dict(data=b"GIF89a", headers={"Content-Type": "image/gif"}), 415, "unsupported_media_type"),
+        ("no content type", dict(data=jpeg), 415, "unsupported_media_type"),
+        ("multipart text file", dict(files={"file": ("a.txt", b"hello", "text/plain")}), 415, "unsupported_media_type"),
+    ]
+    for name, request, status, code in cases:
+        answer = requests.post(f"{url}/v1/age", timeout=60, **request)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code), f"{name}: {answer.text[:300]}"
+        assert answer.json()["error"]["message"] and "Traceback" not in answer.text, name
+    for method, path, status, code in [("get", "/nowhere", 404, "not_found"), ("get", "/v1/age", 405, "method_not_allowed")]:
+        answer = getattr(requests, method)(f"{url}{path}", timeout=30)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (status, code)
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert post_image(url, jpeg).status_code == 200
+
+
+def test_concurrent_requests_share_batches(served, shared_data):
+    url, _ = served
+    before = requests.get(f"{url}/v1/stats", timeout=30).json()
+    images = [path.read_bytes() for path in fixtures.utk_faces(shared_data / "utkface", 24)]
+    with ThreadPoolExecutor(12) as pool:
+        answers = list(pool.map(lambda data: post_image(url, data), images))
+    assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
+    after = requests.get(f"{url}/v1/stats", timeout=30).json()
+    for worker in ("face_finder", "age_predictor"):
+        new = {int(size): n - before[worker]["batches"].get(size, 0) for size, n in after[worker]["batches"].items()}
+        assert sum(size * n for size, n in new.items()) == 24, (worker, new)
+        assert max(size for size, n in new.items() if n > 0) > 1, f"{worker} only saw batches of 1: {new}"
+
+
+def test_overload_and_timeouts_answer_503_and_504_and_the_limits_change_in_place(served, shared_data):
+    url, cfg = served
+    jpeg = (shared_data / "faces" / "multiface.jpg").read_bytes()
+    try:
+        redeploy(replace(cfg, limits=replace(cfg.limits, max_in_flight=1)))
+        with ThreadPoolExecutor(8) as pool:
+            answers = list(pool.map(lambda _: post_image(url, jpeg), range(8)))
+        statuses = sorted(a.status_code for a in answers)
+        assert 200 in statuses and 503 in statuses and set(statuses) <= {200, 503}, statuses
+        rejected = next(a for a in answers if a.status_code == 503)
+        assert rejected.json()["error"]["code"] == "overloaded" and rejected.headers["retry-after"] == "1"
+
+        redeploy(replace(cfg, limits=replace(cfg.limits, timeout_s=0.001)))
+        answer = post_image(url, jpeg)
+        assert (answer.status_code, answer.json()["error"]["code"]) == (504, "timeout")
+    finally:
+        redeploy(cfg)
+    assert post_image(url, jpeg).status_code == 200
+
+
+def test_an_api_key_from_the_environment_guards_the_api_but_not_health_or_the_page(served, shared_data, monkeypatch):
+    url, cfg = served
+    jpeg = (shared_data / "faces" / "ivan.jpg").read_bytes()
+    monkeypatch.setenv(API_KEY_ENV, "s3cret")
+    try:
+        redeploy(cfg)
+        missing = post_image(url, jpeg)
+        assert (missing.status_code, missing.json()["error"]["code"]) == (401, "unauthorized")
+        wrong = requests.post(f"{url}/v1/age", data=jpeg, headers={"Content-Type": "image/jpeg", "X-API-Key": "guess"}, timeout=60)
+        assert wrong.status_code == 401 and "s3cret" not in wrong.text
+        bearer = requests.post(f"{url}/v1/age", data=jpeg, headers={"Content-Type": "image/jpeg", "Authorization": "Bearer s3cret"}, timeout=60)
+        header = requests.post(f"{url}/v1/age", data=jpeg, headers={"Content-Type": "image/jpeg", "X-API-Key": "s3cret"}, timeout=60)
+        assert bearer.status_code == header.status_code == 200
+        assert requests.get(f"{url}/v1/stats", timeout=30).status_code == 401
+        assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+        assert requests.get(f"{url}/", timeout=30).status_code == 200
+    finally:
+        monkeypatch.delenv(API_KEY_ENV)
+        redeploy(cfg)
+    assert post_image(url, jpeg).status_code == 200
+
+
+def test_the_page_and_the_openapi_description_are_served(served):
+    url, _ = served
+    page = requests.get(f"{url}/", timeout=30)
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert 'id="file"' in page.text and "http://" not in page.text and "https://" not in page.text  # no CDN
+    spec = requests.get(f"{url}/openapi.json", timeout=30).json()
+    assert {"/v1/age", "/healthz"} <= set(spec["paths"])
+    assert requests.get(f"{url}/docs", timeout=30).status_code == 200
