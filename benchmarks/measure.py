@@ -1,4 +1,4 @@
-"""What the benchmarks share: resident memory of a process tree, sampled while a command runs."""
+"""What the benchmarks share: resident memory of a process tree, sampled while a command runs; a model file."""
 
 from __future__ import annotations
 
@@ -45,3 +45,15 @@ def run_sampled(command: list[str], every_s: float = 0.5) -> tuple[float, list[t
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(command[:2])} failed with exit code {process.returncode}")
     return elapsed, samples, done.out
+
+
+def model_or_untrained(model: str | None, folder: str) -> str:
+    """The given model file, or an untrained full C3AE written into `folder`: speed does not depend on weights."""
+    if model:
+        return model
+    from c3ae_ray.crops import CropConfig
+    from c3ae_ray.model import C3AE, save_model
+
+    path = f"{folder}/untrained.pt"
+    save_model(C3AE().eval(), path, crop_config=CropConfig().to_dict())
+    return path

@@ -24,7 +24,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from measure import run_sampled
+from measure import model_or_untrained, run_sampled
 
 UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 
@@ -68,16 +68,11 @@ def main() -> None:
 
     import torch
 
-    from c3ae_ray.crops import CropConfig
-    from c3ae_ray.model import C3AE, save_model
-
     paths = sorted(str(p) for p in UTKFACE.iterdir() if p.suffix == ".jpg")[: args.images] * args.repeat
     n = len(paths)
     print(f"{n} images of {UTKFACE}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or f"{tmp}/untrained.pt"
-        if not args.model:
-            save_model(C3AE().eval(), model, crop_config=CropConfig().to_dict())
+        model = model_or_untrained(args.model, tmp)
         listing = Path(tmp) / "images.txt"
         listing.write_text("\n".join(paths))
         loop_s, loop_samples, printed = run_sampled([sys.executable, __file__, "--loop", str(listing), model])

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import requests
 
-from measure import tree_rss
+from measure import model_or_untrained, tree_rss
 
 UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 LEVELS = (1, 8, 32)
@@ -123,17 +123,12 @@ def main() -> None:
 
     import torch
 
-    from c3ae_ray.crops import CropConfig
-    from c3ae_ray.model import C3AE, save_model
-
     paths = sorted(str(p) for p in UTKFACE.iterdir() if p.suffix == ".jpg")[:256]
     bodies = [Path(p).read_bytes() for p in paths]
     url = f"http://127.0.0.1:{args.port}"
     print(f"{len(paths)} UTKFace images (200 x 200), {os.cpu_count()} CPUs, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model or f"{tmp}/untrained.pt"
-        if not args.model:
-            save_model(C3AE().eval(), model, crop_config=CropConfig().to_dict())
+        model = model_or_untrained(args.model, tmp)
         listing = Path(tmp) / "images.txt"
         listing.write_text("\n".join(paths))
         printed = subprocess.run([sys.executable, __file__, "--limit", str(listing), model, str(args.seconds)],

@@ -450,7 +450,9 @@ def build_app(args: dict | ServeConfig):
     key = os.environ.get(API_KEY_ENV)
     device, gpu_share = worker_device(cfg.device)
     batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
-    workers_in_flight = max(2 * cfg.max_batch_size, 4)
+    # At least twice the batch size (Serve's default of 5 would cap every batch), and never under 32: with
+    # fewer, the ingress's router backs off while the worker is full and small batch sizes collapse under load.
+    workers_in_flight = max(2 * cfg.max_batch_size, 32)
     finder = FaceFinder.options(
         max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}
     ).bind(crop.to_dict(), device, cfg.min_face_score, cfg.detector.to_dict(), **batching)
