@@ -124,21 +124,3 @@ def model_file(tmp_path_factory) -> Path:
     save_model(C3AE().eval(), path, crop_config=CropConfig().to_dict(), meta={"epochs": 0})
     return path
 
-
-@pytest.fixture(scope="session")
-def served(ray_session, model_file):
-    """The Serve app of `c3ae serve` on the session's Ray, over loopback HTTP: yields (base URL, ServeConfig)."""
-    from ray import serve
-
-    from c3ae_ray.serving import APP_NAME, ServeConfig, build_app, wait_until_healthy
-    from tests.fixtures import free_port
-
-    cfg = ServeConfig(model=str(model_file), device="cpu", port=free_port(), max_batch_size=8)
-    serve.start(http_options={"host": cfg.host, "port": cfg.port})
-    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
-    url = f"http://{cfg.host}:{cfg.port}"
-    wait_until_healthy(url)
-    try:
-        yield url, cfg
-    finally:
-        serve.shutdown()

@@ -1,20 +1,45 @@
-"""The Serve app over real loopback HTTP: answers, the three body forms, every error status, batching, limits."""
+"""The Serve app over real loopback HTTP: answers, the body forms, every error status, batching, limits, and
+the web page in a real headless Chromium (Debian's `chromium`, which `make test` installs) driven by Playwright."""
 
 from __future__ import annotations
 
 import base64
 import io
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
+import pytest
 import requests
 from PIL import Image
 
 from c3ae_ray.images import decode_image
 from c3ae_ray.score import AgeEstimator
-from c3ae_ray.serving import API_KEY_ENV, APP_NAME, build_app, wait_until_healthy
+from c3ae_ray.serving import API_KEY_ENV, APP_NAME, ServeConfig, build_app, wait_until_healthy
 from tests import fixtures
+from tests.fixtures import free_port
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="module")
+def served(ray_session, model_file):
+    """The Serve app of `c3ae serve` on the session's Ray, over loopback HTTP: yields (base URL, ServeConfig).
+
+    Module-scoped: Serve's replicas hold CPUs, and the training tests after this module need them all back
+    (a two-worker run waits forever otherwise)."""
+    from ray import serve
+
+    cfg = ServeConfig(model=str(model_file), device="cpu", port=free_port(), max_batch_size=8)
+    serve.start(http_options={"host": cfg.host, "port": cfg.port})
+    serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+    url = f"http://{cfg.host}:{cfg.port}"
+    wait_until_healthy(url)
+    try:
+        yield url, cfg
+    finally:
+        serve.shutdown()
 
 
 def post_image(url: str, data: bytes, content_type: str = "image/jpeg", **kwargs) -> requests.Response:
@@ -178,3 +203,40 @@ def test_the_page_and_the_openapi_description_are_served(served):
     spec = requests.get(f"{url}/openapi.json", timeout=30).json()
     assert {"/v1/age", "/healthz"} <= set(spec["paths"])
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
+
+
+def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_data, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    url, _ = served
+    assert shutil.which(CHROMIUM), "Chromium is missing: `make test` installs Debian's chromium package"
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(
+            executable_path=CHROMIUM,
+            args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
+        )
+        try:
+            page = browser.new_page(viewport={"width": 1000, "height": 900})
+            errors = []
+            page.on("pageerror", lambda error: errors.append(str(error)))
+            page.goto(f"{url}/")
+            assert page.title().startswith("c3ae_ray")
+            page.set_input_files("#file", str(shared_data / "faces" / "ivan.jpg"))
+            page.wait_for_selector("body[data-state=done]", timeout=60_000)
+            boxes = page.locator(".box")
+            assert boxes.count() == 1
+            age = float(boxes.first.locator(".age").inner_text())
+            assert 1 <= age <= 100
+            assert page.locator("#faces li.face").count() == 1
+            assert "1 face" in page.locator("#status").inner_text()
+            box = boxes.first.bounding_box()
+            photo = page.locator("#photo").bounding_box()
+            assert box["width"] > 10 and photo["x"] <= box["x"] <= photo["x"] + photo["width"]  # drawn on the face
+            page.screenshot(path=str(tmp_path / "page.png"))
+            assert not errors, errors
+
+            page.set_input_files("#file", str(shared_data / "faces" / "no-faces.jpg"))
+            page.wait_for_function("document.querySelector('#status').textContent.includes('No face')", timeout=60_000)
+            assert page.locator(".box").count() == 0
+        finally:
+            browser.close()
