@@ -243,6 +243,13 @@ def load_model(source, name: str | None = None) -> tuple[C3AE, dict]:
     return model.eval(), payload
 
 
+def model_crop(payload: dict):
+    """The crop geometry a model file was trained with (the default geometry for a file that records none)."""
+    from c3ae_ray.crops import CropConfig
+
+    return CropConfig.from_dict(payload["crop_config"]) if payload.get("crop_config") else CropConfig()
+
+
 def model_identity(payload: dict, location) -> tuple[str, str]:
     """(name, version) that outputs carry: the file's own (a released model has them), else its file name and
     the start of its digest, so two different weights never share a version."""

@@ -37,7 +37,7 @@ from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.datasets import IMAGE_EXTENSIONS
 from c3ae_ray.detect import DetectorConfig, FaceDetector, Faces, resolve_device
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from c3ae_ray.model import C3AE, load_model, model_identity
+from c3ae_ray.model import C3AE, load_model, model_crop, model_identity
 from c3ae_ray.runtime import pool_shape, ray_runtime
 
 STATUSES = ("face", "no_face", "error")
@@ -170,7 +170,7 @@ class AgeModel:
         self.device = resolve_device(device)
         self.model, self.payload = load_model(model_source)
         self.model.to(self.device)
-        self.crop = CropConfig.from_dict(self.payload["crop_config"]) if self.payload.get("crop_config") else CropConfig()
+        self.crop = model_crop(self.payload)
 
     def predict(self, regions: np.ndarray, boxes: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if not len(regions):
@@ -463,7 +463,7 @@ def score(cfg: ScoreConfig) -> dict:
             "actors": actors,
             "model": {"location": cfg.model, "name": identity[0], "version": identity[1], "sha256": payload["sha256"],
                       "config": asdict(model.cfg), "bins": model.cfg.bins.tolist()},
-            "crop": (payload.get("crop_config") or CropConfig().to_dict()),
+            "crop": model_crop(payload).to_dict(),
             "config": run_cfg.to_dict(),
             "schema": {name: str(SCHEMA.field(name).type) for name in SCHEMA.names},
             "c3ae_ray_version": __version__,

@@ -20,6 +20,7 @@ The ingress's limits are its `user_config` (`Limits`): a running app takes new o
 import asyncio
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -43,7 +44,7 @@ from c3ae_ray import storage
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, image_size
-from c3ae_ray.model import load_model, model_identity
+from c3ae_ray.model import load_model, model_crop, model_identity
 from c3ae_ray.score import AgeModel, CutFaces, FaceCutter, ages_of, release_free_memory
 
 logger = logging.getLogger("ray.serve")
@@ -104,6 +105,11 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers or {}
 
 
+def image_error_status(error: ImageError) -> int:
+    """413 for an image over the pixel cap, 400 for anything else that is not a usable image."""
+    return 413 if error.reason == "too_large" else 400
+
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
@@ -147,7 +153,7 @@ class FaceFinder:
                 images.append(decode_image(data, cap))
                 slots.append(i)
             except ImageError as error:
-                results[i] = (413 if error.reason == "too_large" else 400, error.reason, str(error))
+                results[i] = (image_error_status(error), error.reason, str(error))
         cut = self.cutter.cut(images, [max_faces[i] for i in slots])
         for i, image, item in zip(slots, images, cut):
             if isinstance(item, Exception):
@@ -225,6 +231,7 @@ async def _unexpected(request: Request, error: Exception):
     return error_response(500, "internal", "internal error; see the server log")
 
 
+@functools.cache
 def web_page() -> str:
     return resources.files("c3ae_ray").joinpath("web/index.html").read_text()
 
@@ -374,7 +381,7 @@ class AgeAPI:
             except BackPressureError:
                 raise ApiError(503, "overloaded", "the model is at capacity; retry shortly", {"Retry-After": "1"}) from None
         except ImageError as error:
-            raise ApiError(413 if error.reason == "too_large" else 400, error.reason, str(error)) from None
+            raise ApiError(image_error_status(error), error.reason, str(error)) from None
         finally:
             self.in_flight -= 1
         self.ready = True
@@ -444,7 +451,7 @@ def build_app(args: dict | ServeConfig):
     cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args)
     model_bytes = storage.read_bytes(cfg.model)
     model, payload = load_model(model_bytes, name=cfg.model)
-    crop = CropConfig.from_dict(payload["crop_config"]) if payload.get("crop_config") else CropConfig()
+    crop = model_crop(payload)
     name, version = model_identity(payload, cfg.model)
     model_info = {"name": name, "version": version, "sha256": payload["sha256"], "bins": model.cfg.bins.tolist()}
     key = os.environ.get(API_KEY_ENV)
