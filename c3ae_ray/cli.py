@@ -79,6 +79,13 @@ def _score(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pipeline(args: argparse.Namespace) -> int:
+    from c3ae_ray.pipeline import format_summary, load_config, run_pipeline
+
+    print(format_summary(run_pipeline(load_config(args.config))))
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -214,6 +221,19 @@ def _add_score(commands) -> None:
     parser.set_defaults(run=_score)
 
 
+def _add_pipeline(commands) -> None:
+    parser = commands.add_parser(
+        "pipeline",
+        help="preprocess -> pretrain -> fine-tune -> evaluate -> model file, resumable (YAML config)",
+        description="Run the whole recipe from one YAML (see jobs/pipeline.yaml): IMDB-WIKI preprocessing, "
+        "pretraining, fine-tuning on UTKFace or FG-NET, FG-NET evaluation and the final model file. Every step "
+        "writes under the config's out; rerunning the same config skips complete steps and resumes the rest. "
+        "Runs on a local Ray, or the cluster at RAY_ADDRESS.",
+    )
+    parser.add_argument("--config", required=True, help="pipeline YAML (path or s3://)")
+    parser.set_defaults(run=_pipeline)
+
+
 def _serve(args: argparse.Namespace) -> int:
     from c3ae_ray.serving import Limits, ServeConfig, serve_forever
 
@@ -266,6 +286,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_ablate(commands)
     _add_score(commands)
+    _add_pipeline(commands)
     _add_serve(commands)
     return parser
 

@@ -29,7 +29,7 @@ from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.datasets import read_dataset
 from c3ae_ray.detect import DetectorConfig, FaceDetector
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from c3ae_ray.runtime import pool_shape, ray_runtime
+from c3ae_ray.runtime import cluster_shape, pool_shape, ray_runtime
 
 STATUSES = ("kept", "no_face", "multi_face", "bad_age", "unreadable")
 
@@ -214,8 +214,7 @@ def preprocess(cfg: PreprocessConfig) -> dict:
     staging = storage.staging_path(out)
     try:
         with ray_runtime():
-            cluster = ray.cluster_resources()
-            device, actors, cpus, gpus = pool_shape(cluster, cfg.device, cfg.detectors)
+            device, actors, cpus, gpus = pool_shape(cluster_shape(), cfg.device, cfg.detectors)
             run_cfg = replace(cfg, device=device)
             blocks = max(8 * actors, math.ceil(len(records) / 1000))
             pipeline_started = time.perf_counter()

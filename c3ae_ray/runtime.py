@@ -34,15 +34,32 @@ def ray_runtime():
         ray.shutdown()
 
 
-def cpus_per_worker(cluster_cpus: float, workers: int) -> float:
-    """CPUs each of `workers` actors may claim so that at least one CPU (or half a small cluster) stays free:
-    Ray Data's read, decode and write tasks need it, and a pool that takes every CPU hangs the pipeline."""
-    return min(1.0, max(cluster_cpus - 1, cluster_cpus / 2) / workers)
+def cluster_shape() -> dict:
+    """The connected cluster's CPU and GPU totals and how many alive nodes have CPUs (the pools' sizing input)."""
+    import ray
+
+    nodes = [node for node in ray.nodes() if node["Alive"] and node["Resources"].get("CPU", 0) > 0]
+    return {**ray.cluster_resources(), "nodes": max(1, len(nodes))}
+
+
+def cpus_per_worker(cluster: dict, workers: int) -> float:
+    """CPUs each of `workers` actors may claim so that at least one whole CPU stays free on some node: Ray
+    Data's read, decode and write tasks need it, and a pool that takes every CPU hangs the pipeline.
+
+    One node: the actors share all but one CPU (or half of a small machine). Several nodes: each actor takes
+    a whole CPU while the cluster has a CPU to spare, since fractional shares would leave less than one CPU
+    free on every node (0.75 + 0.75 of 2 on each of two nodes) and the pipeline's tasks could run nowhere.
+    """
+    cpus = cluster.get("CPU", 1.0)
+    if cluster.get("nodes", 1) > 1 and workers <= cpus - 1:
+        return 1.0
+    return min(1.0, max(cpus - 1, cpus / 2) / workers)
 
 
 def pool_shape(cluster: dict, device: str, actors: int | None) -> tuple[str, int, float, float]:
-    """(device, actors, CPUs per actor, GPUs per actor) for a detector pool: 'auto' takes the cluster's GPUs when
-    it has any; CPU actors never claim every CPU, since Ray Data's other tasks need one."""
+    """(device, actors, CPUs per actor, GPUs per actor) for a detector pool over `cluster_shape()`: 'auto' takes
+    the cluster's GPUs when it has any; CPU actors never claim every CPU, since Ray Data's other tasks need one
+    (on several nodes the default is one actor per CPU but one)."""
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
     if device == "auto":
         device = "cuda" if gpus > 0 else "cpu"
@@ -50,6 +67,7 @@ def pool_shape(cluster: dict, device: str, actors: int | None) -> tuple[str, int
         if gpus <= 0:
             raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
         actors = actors or int(gpus)
-        return device, actors, cpus_per_worker(cpus, actors), min(1.0, gpus / actors)
-    actors = actors or max(1, int(cpus))
-    return device, actors, cpus_per_worker(cpus, actors), 0.0
+        return device, actors, cpus_per_worker(cluster, actors), min(1.0, gpus / actors)
+    if not actors:
+        actors = max(1, int(cpus) - 1) if cluster.get("nodes", 1) > 1 else max(1, int(cpus))
+    return device, actors, cpus_per_worker(cluster, actors), 0.0

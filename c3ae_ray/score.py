@@ -38,7 +38,7 @@ from c3ae_ray.datasets import IMAGE_EXTENSIONS
 from c3ae_ray.detect import DetectorConfig, FaceDetector, Faces, resolve_device
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from c3ae_ray.model import C3AE, load_model, model_crop, model_identity
-from c3ae_ray.runtime import pool_shape, ray_runtime
+from c3ae_ray.runtime import cluster_shape, pool_shape, ray_runtime
 
 STATUSES = ("face", "no_face", "error")
 MAX_FILE_BYTES = 256 * 2**20  # a larger file is an error row: no image under the pixel cap needs more
@@ -430,7 +430,7 @@ def score(cfg: ScoreConfig) -> dict:
     staging = storage.staging_path(out)
     try:
         with ray_runtime():
-            device, actors, cpus, gpus = pool_shape(ray.cluster_resources(), cfg.device, cfg.actors)
+            device, actors, cpus, gpus = pool_shape(cluster_shape(), cfg.device, cfg.actors)
             run_cfg = replace(cfg, device=device)
             blocks = min(len(images), max(8 * actors, math.ceil(len(images) / 1000)))
             pipeline_started = time.perf_counter()

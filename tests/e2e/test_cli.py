@@ -24,7 +24,7 @@ def test_help_lists_only_working_commands():
     result = run("--help")
     assert result.returncode == 0
     listed = re.findall(r"^    (\w+)\s", result.stdout, flags=re.M)
-    assert listed == ["summary", "preprocess", "train", "evaluate", "ablate", "score", "serve"]
+    assert listed == ["summary", "preprocess", "train", "evaluate", "ablate", "score", "pipeline", "serve"]
     for command in listed:
         assert run(command, "--help").returncode == 0
 
@@ -46,3 +46,19 @@ def test_unknown_command_and_missing_command_fail_with_a_message():
         result = run(*args)
         assert result.returncode == 2
         assert "usage: c3ae" in result.stderr and "error:" in result.stderr
+
+
+def test_pipeline_config_errors_are_one_line_before_any_work(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("out: [unclosed\n")
+    leaking = tmp_path / "leaking.yaml"
+    leaking.write_text(
+        f"out: {tmp_path / 'run'}\n"
+        "finetune: {data: {dataset: fgnet, root: /x}}\n"
+        "evaluate: {data: {dataset: fgnet, root: /x}, init_from: finetune}\n"
+    )
+    for config, message in ((tmp_path / "missing.yaml", "does not exist"), (broken, "not valid YAML"), (leaking, "trained on")):
+        result = run("pipeline", "--config", str(config))
+        assert result.returncode == 1 and "Traceback" not in result.stderr
+        assert result.stderr.startswith("c3ae pipeline: error:") and message in result.stderr, result.stderr
+    assert not (tmp_path / "run").exists()
