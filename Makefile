@@ -1,4 +1,5 @@
 # One entry point for a fresh machine with only Python 3.11 and make:
+#   make serve    create .venv, install, and serve the bundled model: the age API and its page at http://127.0.0.1:8000
 #   make test     create .venv, install everything (and Debian's chromium for the browser test), run the whole suite
 # Re-running is quick: the install step is redone only when pyproject.toml or this file changes.
 PYTHON ?= python3.11
@@ -10,7 +11,7 @@ FACENET := facenet-pytorch==2.6.0
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install test unit clean
+.PHONY: install serve test unit clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -28,6 +29,10 @@ $(CHROMIUM):
 	@command -v apt-get >/dev/null || { echo "error: the web page test needs Chromium at $(CHROMIUM) (Debian's chromium package)"; exit 1; }
 	$(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null 2>&1 || \
 	  { $(SUDO) apt-get update -q >/dev/null && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null; }
+
+# The quick start's main job: `c3ae serve` on an embedded local Ray with the bundled model; Ctrl-C stops it.
+serve: install
+	$(BIN)/c3ae serve
 
 # pytest exits 5 when it collected no test: that is a failure here, said in words.
 test: install $(CHROMIUM)

@@ -1,13 +1,15 @@
 """Model forward speed on CPU, one thread: crop triplets per second, batched against one at a time.
 
-    .venv/bin/python benchmarks/model_forward.py [--variant full] [--seconds 3]
+    .venv/bin/python benchmarks/model_forward.py [--variant full] [--seconds 3] [--onnx]
 
 The same-run baseline is the unbatched forward (batch 1); the paper reports 0.0126 s per image on a Xeon.
+--onnx also times the bundled model exported by `c3ae export` in onnxruntime (one thread).
 """
 
 from __future__ import annotations
 
 import argparse
+import tempfile
 import time
 
 import torch
@@ -28,10 +30,26 @@ def triplets_per_second(model: C3AE, batch_size: int, seconds: float) -> float:
     return done / (time.perf_counter() - start)
 
 
+def onnx_triplets_per_second(batch_size: int, seconds: float, path: str) -> float:
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = options.inter_op_num_threads = 1
+    session = onnxruntime.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    crops = torch.randint(0, 256, (batch_size, 3, 3, 64, 64), dtype=torch.uint8).numpy()
+    session.run(None, {"crops": crops})  # warm-up
+    done, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        session.run(None, {"crops": crops})
+        done += batch_size
+    return done / (time.perf_counter() - start)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", default="full", choices=list(VARIANTS))
     parser.add_argument("--seconds", type=float, default=3.0)
+    parser.add_argument("--onnx", action="store_true", help="also time the bundled model in onnxruntime")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = C3AE(VARIANTS[args.variant]).eval()
@@ -41,6 +59,15 @@ def main() -> None:
     for batch_size in (16, 64, 256):
         rate = triplets_per_second(model, batch_size, args.seconds)
         print(f"batch {batch_size:4d}: {rate:9.0f} triplets/s  ({rate / baseline:.2f}x batch 1)")
+    if args.onnx:
+        from c3ae_ray.export import export_model
+        from c3ae_ray.model import BUNDLED_MODEL
+
+        with tempfile.TemporaryDirectory() as folder:
+            path = export_model(BUNDLED_MODEL, "onnx", f"{folder}/model.onnx")["out"]
+            for batch_size in (1, 64, 256):
+                rate = onnx_triplets_per_second(batch_size, args.seconds, path)
+                print(f"onnxruntime, bundled model, batch {batch_size:4d}: {rate:9.0f} triplets/s  ({rate / baseline:.2f}x torch batch 1)")
 
 
 if __name__ == "__main__":

@@ -86,6 +86,30 @@ def _pipeline(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from c3ae_ray.predict import format_results, predict_files
+
+    results = predict_files(args.images, args.model, args.device, args.min_face_score, args.draw)
+    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    if all(result["error"] for result in results):
+        print(f"c3ae predict: none of the {len(results)} file(s) could be read", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from c3ae_ray.export import export_model
+
+    summary = export_model(args.model, args.format, args.out)
+    print(
+        f"{summary['out']}: {summary['format']}, {summary['bytes']:,} bytes; against PyTorch the ages differ by at most "
+        f"{summary['max_age_difference']:.2g} years, the distributions by {summary['max_distribution_difference']:.2g}"
+    )
+    return 0
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -200,6 +224,7 @@ def _add_ablate(commands) -> None:
 
 def _add_score(commands) -> None:
     from c3ae_ray.images import DEFAULT_MAX_PIXELS
+    from c3ae_ray.model import BUNDLED_MODEL
 
     parser = commands.add_parser(
         "score",
@@ -210,7 +235,7 @@ def _add_score(commands) -> None:
     )
     parser.add_argument("--input", required=True, help="folder, image, list of images (a line each) or s3://bucket/prefix")
     parser.add_argument("--out", required=True, help="output folder: a local path or s3://bucket/prefix")
-    parser.add_argument("--model", required=True, help="a model.pt from `c3ae train` (path or s3://)")
+    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="a model.pt from `c3ae train` (path or s3://; default: the bundled model)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--actors", type=_positive_int, help="detector+model actors (default: one per CPU, or per GPU)")
     parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per actor batch")
@@ -219,6 +244,39 @@ def _add_score(commands) -> None:
     parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="larger images are error rows")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
     parser.set_defaults(run=_score)
+
+
+def _add_predict(commands) -> None:
+    from c3ae_ray.model import BUNDLED_MODEL
+
+    parser = commands.add_parser(
+        "predict",
+        help="the age of every face in a few photos, here and now (no Ray, bundled model by default)",
+        description="Detect the faces in each image and print each face's box and age. Runs in this process; "
+        "unreadable files and images without a face are reported per file. Exit 1 only when no file could be read.",
+    )
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="a model.pt from `c3ae train` (path or s3://; default: the bundled model)")
+    parser.add_argument("--json", action="store_true", help="print the results as JSON")
+    parser.add_argument("--draw", metavar="OUT_DIR", help="write a copy of each photo with boxes and ages here")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability for a face to count")
+    parser.set_defaults(run=_predict)
+
+
+def _add_export(commands) -> None:
+    from c3ae_ray.export import FORMATS
+
+    parser = commands.add_parser(
+        "export",
+        help="a model file as ONNX or TorchScript (input: crops, output: age and distribution)",
+        description="Export a model for runtimes without this package. Input `crops`: uint8 (N, 3, 3, 64, 64); "
+        "outputs `age` (N,) and `distribution` (N, 12). The export is run against PyTorch before it is reported.",
+    )
+    parser.add_argument("--model", required=True, help="a model.pt (path or s3://)")
+    parser.add_argument("--format", required=True, choices=FORMATS)
+    parser.add_argument("--out", required=True, help="the file to write")
+    parser.set_defaults(run=_export)
 
 
 def _add_pipeline(commands) -> None:
@@ -235,11 +293,11 @@ def _add_pipeline(commands) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from c3ae_ray.serving import Limits, ServeConfig, serve_forever
+    from c3ae_ray.serving import Limits, ServeConfig, default_model, serve_forever
 
     limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_in_flight=args.max_in_flight, timeout_s=args.timeout)
     cfg = ServeConfig(
-        model=args.model, device=args.device, host=args.host, port=args.port, min_face_score=args.min_face_score,
+        model=args.model or default_model(), device=args.device, host=args.host, port=args.port, min_face_score=args.min_face_score,
         max_batch_size=args.max_batch_size, limits=limits,
     )
     served = serve_forever(cfg)
@@ -248,7 +306,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _add_serve(commands) -> None:
-    from c3ae_ray.serving import API_KEY_ENV, Limits, ServeConfig
+    from c3ae_ray.serving import API_KEY_ENV, MODEL_ENV, Limits, ServeConfig
 
     parser = commands.add_parser(
         "serve",
@@ -257,7 +315,7 @@ def _add_serve(commands) -> None:
         f"embedded local Ray, or the cluster at RAY_ADDRESS, until Ctrl-C. With ${API_KEY_ENV} set, /v1/* needs "
         "that key (Authorization: Bearer KEY or X-API-Key).",
     )
-    parser.add_argument("--model", required=True, help="a model.pt from `c3ae train` (path or s3://)")
+    parser.add_argument("--model", help=f"a model.pt from `c3ae train` (path or s3://; default ${MODEL_ENV}, else the bundled model)")
     parser.add_argument("--host", default=ServeConfig.host)
     parser.add_argument("--port", type=_positive_int, default=ServeConfig.port)
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -286,6 +344,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate(commands)
     _add_ablate(commands)
     _add_score(commands)
+    _add_predict(commands)
+    _add_export(commands)
     _add_pipeline(commands)
     _add_serve(commands)
     return parser

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 MODEL_FORMAT = "c3ae_ray.model/1"
+# The model that ships in the package (see MODEL_CARD.md beside it): the default of predict, score and serve.
+BUNDLED_MODEL = Path(__file__).with_name("pretrained") / "c3ae_utkface.pt"
 
 
 def check_keys(config_class, values: dict, what: str) -> None:

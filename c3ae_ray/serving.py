@@ -1,6 +1,6 @@
 """Online predictions on Ray Serve: a batched HTTP API for the ages of every face in a photo, and its web page.
 
-    c3ae serve --model model.pt [--host 127.0.0.1] [--port 8000]      (or: serve run serve/c3ae_cpu.yaml)
+    c3ae serve [--model model.pt] [--host 127.0.0.1] [--port 8000]    (or: serve run serve/c3ae_cpu.yaml)
 
 Three deployments, built by `build_app` (also the import path of the Serve config files in `serve/`):
 - `AgeAPI`, the FastAPI ingress: reads and checks the request (API key, body cap, type, pixel cap from the
@@ -44,7 +44,7 @@ from c3ae_ray import storage
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, image_size
-from c3ae_ray.model import load_model, model_crop, model_identity
+from c3ae_ray.model import BUNDLED_MODEL, load_model, model_crop, model_identity
 from c3ae_ray.score import AgeModel, CutFaces, FaceCutter, ages_of, release_free_memory
 
 logger = logging.getLogger("ray.serve")
@@ -54,6 +54,11 @@ MODEL_ENV = "C3AE_MODEL"  # the model when the Serve config's args give none
 IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 APP_NAME = "c3ae"
 SELF_TEST_TIMEOUT_S = 60.0  # the first health check's inference; replicas may still be loading
+
+
+def default_model() -> str:
+    """The model when none is given: $C3AE_MODEL when set, else the one bundled with the package."""
+    return os.environ.get(MODEL_ENV) or str(BUNDLED_MODEL)
 
 
 @dataclass(frozen=True)
@@ -82,14 +87,12 @@ class ServeConfig:
     @classmethod
     def from_args(cls, args: dict) -> "ServeConfig":
         """The `args` of a Serve config file (or the CLI's flags): unknown keys are an error, model defaults
-        to $C3AE_MODEL."""
+        to $C3AE_MODEL, else the bundled model."""
         args = dict(args or {})
         unknown = set(args) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"unknown serve args: {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        args.setdefault("model", os.environ.get(MODEL_ENV))
-        if not args["model"]:
-            raise ValueError(f"no model: give args.model (or --model) or set ${MODEL_ENV}")
+        args["model"] = args.get("model") or default_model()
         if isinstance(args.get("limits"), dict):
             args["limits"] = Limits(**args["limits"])
         if isinstance(args.get("detector"), dict):

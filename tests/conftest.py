@@ -62,6 +62,17 @@ def face_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def utkface_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
+    """Every shared UTKFace image through `c3ae preprocess` (about 80 s): the data the bundled model was
+    trained and measured on."""
+    from c3ae_ray.preprocess import PreprocessConfig, preprocess
+
+    out = tmp_path_factory.mktemp("utk_all") / "faces"
+    preprocess(PreprocessConfig(dataset="utkface", root=str(shared_data / "utkface"), out=str(out), detectors=2))
+    return out
+
+
+@pytest.fixture(scope="session")
 def fgnet_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
     """An FG-NET-layout fixture (4 invented subjects x 4 real UTKFace faces) preprocessed by the `c3ae
     preprocess` command, for the evaluation protocols."""

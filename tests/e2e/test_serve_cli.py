@@ -96,13 +96,13 @@ def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, model_file)
     assert port_is_free(port)
 
 
-def test_serve_run_starts_the_same_app_from_the_cpu_config(shared_data, model_file, tmp_path):
+def test_serve_run_starts_the_same_app_from_the_cpu_config_with_the_bundled_model(shared_data, tmp_path):
     config = yaml.safe_load((ROOT / "serve" / "c3ae_cpu.yaml").read_text())
     port = free_port()
     config["http_options"]["port"] = port  # the only change: a free port instead of 8000
     (tmp_path / "c3ae_cpu.yaml").write_text(yaml.safe_dump(config))
     url = f"http://127.0.0.1:{port}"
-    process, lines = start([str(BIN / "serve"), "run", str(tmp_path / "c3ae_cpu.yaml")], env={"C3AE_MODEL": str(model_file)})
+    process, lines = start([str(BIN / "serve"), "run", str(tmp_path / "c3ae_cpu.yaml")], env={"C3AE_MODEL": ""})
     try:
         wait_ready(process, lines, url)
         answer = requests.post(
@@ -110,7 +110,7 @@ def test_serve_run_starts_the_same_app_from_the_cpu_config(shared_data, model_fi
             timeout=60,
         )
         assert answer.status_code == 200 and len(answer.json()["faces"]) == 6
-        assert answer.json()["model"]["name"] == "seed0"
+        assert answer.json()["model"]["name"] == "c3ae_utkface"  # neither args.model nor $C3AE_MODEL: the bundled one
         bad = requests.post(f"{url}/v1/age", data=b"x" * 100, headers={"Content-Type": "image/png"}, timeout=60)
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "undecodable"
     finally:

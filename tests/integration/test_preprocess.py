@@ -147,9 +147,9 @@ def test_output_to_s3_on_a_loopback_server(ray_session, shared_data, tmp_path, s
 
 
 @pytest.mark.timeout(900)
-def test_detection_check_on_every_shared_utkface_image(ray_session, shared_data, tmp_path):
+def test_detection_check_on_every_shared_utkface_image(utkface_parquet):
     """At least 98% of the shared UTKFace images are kept with exactly one face."""
-    summary = run("utkface", shared_data / "utkface", tmp_path / "out", detectors=2)
+    summary = storage.require_complete(str(utkface_parquet))[2]
     assert summary["seen"] == 7807
     assert summary["kept"] / summary["seen"] >= 0.98, summary
     assert summary["unreadable"] == 0

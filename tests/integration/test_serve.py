@@ -15,6 +15,7 @@ import requests
 from PIL import Image
 
 from c3ae_ray.images import decode_image
+from c3ae_ray.model import BUNDLED_MODEL
 from c3ae_ray.score import AgeEstimator
 from c3ae_ray.serving import API_KEY_ENV, APP_NAME, ServeConfig, build_app, wait_until_healthy
 from tests import fixtures
@@ -24,14 +25,14 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 
 @pytest.fixture(scope="module")
-def served(ray_session, model_file):
+def served(ray_session):
     """The Serve app of `c3ae serve` on the session's Ray, over loopback HTTP: yields (base URL, ServeConfig).
 
     Module-scoped: Serve's replicas hold CPUs, and the training tests after this module need them all back
     (a two-worker run waits forever otherwise)."""
     from ray import serve
 
-    cfg = ServeConfig(model=str(model_file), device="cpu", port=free_port(), max_batch_size=8)
+    cfg = ServeConfig(model=str(BUNDLED_MODEL), device="cpu", port=free_port(), max_batch_size=8)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
@@ -54,9 +55,9 @@ def redeploy(cfg) -> None:
     wait_until_healthy(f"http://{cfg.host}:{cfg.port}")
 
 
-def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, shared_data, model_file):
+def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, shared_data):
     url, _ = served
-    estimator = AgeEstimator(model_file, device="cpu")
+    estimator = AgeEstimator(BUNDLED_MODEL, device="cpu")
     faces = shared_data / "faces"
     for name, expected_faces in [("multiface.jpg", 6), ("ivan.jpg", 1), ("no-faces.jpg", 0)]:
         data = (faces / name).read_bytes()
@@ -226,7 +227,7 @@ def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_dat
             boxes = page.locator(".box")
             assert boxes.count() == 1
             age = float(boxes.first.locator(".age").inner_text())
-            assert 1 <= age <= 100
+            assert 18 <= age <= 45  # the bundled model on a young man's photo
             assert page.locator("#faces li.face").count() == 1
             assert "1 face" in page.locator("#status").inner_text()
             box = boxes.first.bounding_box()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from c3ae_ray.model import BUNDLED_MODEL
 from c3ae_ray.serving import MODEL_ENV, ApiError, Limits, ServeConfig, parse_max_faces, web_page
 
 SERVE_DIR = Path(__file__).resolve().parents[2] / "serve"
@@ -34,10 +35,9 @@ def test_the_serve_configs_pass_serves_schema_and_match_the_app(name, monkeypatc
         assert all(deployments[w].ray_actor_options.num_gpus > 0 for w in ("FaceFinder", "AgePredictor"))
 
 
-def test_serve_args_name_the_model_or_take_it_from_the_environment(monkeypatch):
+def test_serve_args_name_the_model_or_take_it_from_the_environment_or_the_bundled_one(monkeypatch):
     monkeypatch.delenv(MODEL_ENV, raising=False)
-    with pytest.raises(ValueError, match=MODEL_ENV):
-        ServeConfig.from_args({"device": "cpu"})
+    assert ServeConfig.from_args({"device": "cpu"}).model == str(BUNDLED_MODEL)
     with pytest.raises(ValueError, match="unknown serve args.*batch"):
         ServeConfig.from_args({"model": "m.pt", "batch": 3})
     monkeypatch.setenv(MODEL_ENV, "/m.pt")

@@ -1,0 +1,101 @@
+"""`c3ae predict`: the ages of the faces in a few local photos, in this process, with no Ray and no dataset.
+
+It runs the scoring actor's own `AgeEstimator` (MTCNN, the one crop geometry, C3AE), one image at a time so
+that any mix of image sizes works. Every file gets a result: its faces, "no face", or the reason it could
+not be read; `--draw` writes a copy of each readable photo with the boxes and ages on it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from c3ae_ray.model import BUNDLED_MODEL
+from c3ae_ray.score import AgeEstimator, ImageAges
+
+
+def predict_files(
+    paths: list[str],
+    model=BUNDLED_MODEL,
+    device: str = "auto",
+    min_face_score: float = 0.9,
+    draw_dir: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> list[dict]:
+    """One result per path, in order: {path, faces: [{box, score, age}], n_faces, error, drawn}."""
+    estimator = AgeEstimator(model, device, min_face_score)
+    if draw_dir:
+        Path(draw_dir).mkdir(parents=True, exist_ok=True)
+    results, drawn_names = [], set()
+    for path in paths:
+        result = {"path": str(path), "faces": [], "n_faces": 0, "error": None}
+        results.append(result)
+        try:
+            image = decode_image(Path(path).read_bytes(), max_pixels)
+        except IsADirectoryError:
+            result["error"] = "read_error: is a folder"
+            continue
+        except OSError as error:
+            result["error"] = f"read_error: {error.strerror or error}"
+            continue
+        except ImageError as error:
+            result["error"] = f"{error.reason}: {error}"
+            continue
+        [ages] = estimator.estimate([image])
+        if isinstance(ages, Exception):
+            result["error"] = f"failed: {ages}"
+            continue
+        result["faces"] = [
+            {"box": [round(float(v), 1) for v in face.box], "score": round(face.score, 4), "age": round(face.age, 1)}
+            for face in ages.faces
+        ]
+        result["n_faces"] = ages.n_faces
+        if draw_dir:
+            result["drawn"] = str(_draw(image, ages, Path(draw_dir), Path(path).stem, drawn_names))
+    return results
+
+
+def _draw(image: np.ndarray, ages: ImageAges, folder: Path, stem: str, taken: set[str]) -> Path:
+    """A JPEG copy of the photo with each face boxed and its age above the box; names never collide in a run."""
+    name, n = f"{stem}.jpg", 1
+    while name in taken:
+        n += 1
+        name = f"{stem}-{n}.jpg"
+    taken.add(name)
+    canvas = cv2.cvtColor(image, cv2.COLOR_RGB2BGR)
+    thickness = max(1, round(max(image.shape[:2]) / 400))
+    for face in ages.faces:
+        x1, y1, x2, y2 = (int(round(v)) for v in face.box)
+        cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 200, 255), thickness)
+        label = f"{face.age:.0f}"
+        scale = max(0.5, (x2 - x1) / 120)
+        (width, height), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
+        top = max(height + 4, y1 - 4)
+        cv2.rectangle(canvas, (x1, top - height - 4), (x1 + width + 4, top + 2), (0, 200, 255), -1)
+        cv2.putText(canvas, label, (x1 + 2, top), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), thickness, cv2.LINE_AA)
+    cv2.imwrite(str(folder / name), canvas, [cv2.IMWRITE_JPEG_QUALITY, 92])
+    return folder / name
+
+
+def format_results(results: list[dict]) -> str:
+    """A block per file, then a count line."""
+    lines = []
+    for result in results:
+        if result["error"]:
+            lines.append(f"{result['path']}: error: {result['error']}")
+            continue
+        faces = result["faces"]
+        shown = "" if len(faces) == result["n_faces"] else f" (the {len(faces)} most confident shown)"
+        lines.append(f"{result['path']}: " + (f"{result['n_faces']} face{'s' * (result['n_faces'] != 1)}{shown}" if faces else "no face"))
+        for number, face in enumerate(faces, 1):
+            box = ", ".join(f"{v:.0f}" for v in face["box"])
+            lines.append(f"  face {number}: age {face['age']:.1f}  box [{box}]  score {face['score']:.3f}")
+        if result.get("drawn"):
+            lines.append(f"  drawn: {result['drawn']}")
+    read = [r for r in results if not r["error"]]
+    faces = sum(len(r["faces"]) for r in read)
+    lines.append(f"{len(results)} file(s): {len(read)} read, {faces} face(s), {len(results) - len(read)} unreadable")
+    return "\n".join(lines)

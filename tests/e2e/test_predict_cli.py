@@ -1,0 +1,58 @@
+"""`c3ae predict` as a user types it, with the bundled model: one line per face, per-file errors, JSON,
+annotated copies, and exit 1 only when nothing could be read."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+
+C3AE = str(Path(sys.executable).with_name("c3ae"))
+
+
+def predict(*args):
+    return subprocess.run([C3AE, "predict", *map(str, args)], capture_output=True, text=True, timeout=300)
+
+
+def test_one_photo_prints_one_face_with_an_age(shared_data):
+    result = predict(shared_data / "faces" / "ivan.jpg")
+    assert result.returncode == 0, result.stderr
+    faces = re.findall(r"^  face (\d+): age ([\d.]+)  box \[(\d+), (\d+), (\d+), (\d+)\]", result.stdout, re.M)
+    assert len(faces) == 1 and 1 <= float(faces[0][1]) <= 100
+    assert result.stdout.splitlines()[-1] == "1 file(s): 1 read, 1 face(s), 0 unreadable"
+
+
+def test_mixed_files_are_reported_each_and_drawn(shared_data, tmp_path):
+    faces = shared_data / "faces"
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"\xff\xd8\xff not really a jpeg")
+    draw = tmp_path / "drawn"
+    result = predict(faces / "multiface.jpg", faces / "no-faces.jpg", broken, tmp_path / "absent.jpg", "--json", "--draw", draw)
+    assert result.returncode == 0, result.stderr
+    results = json.loads(result.stdout)
+    assert [r["path"] for r in results] == [str(faces / "multiface.jpg"), str(faces / "no-faces.jpg"), str(broken), str(tmp_path / "absent.jpg")]
+    group, empty, bad, absent = results
+    assert len(group["faces"]) == group["n_faces"] >= 5 and all(0 < f["age"] < 111 for f in group["faces"])
+    assert empty["faces"] == [] and empty["error"] is None
+    assert bad["error"].startswith("undecodable") and absent["error"].startswith("read_error")
+    drawn = cv2.imread(group["drawn"])
+    original = cv2.imread(str(faces / "multiface.jpg"))
+    assert drawn.shape == original.shape and (abs(drawn.astype(int) - original).sum(axis=2) > 60).mean() > 0.001
+    assert sorted(p.name for p in draw.iterdir()) == ["multiface.jpg", "no-faces.jpg"]
+
+
+def test_nothing_readable_is_exit_1(tmp_path):
+    result = predict(tmp_path / "absent.jpg", tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "none of the 2 file(s) could be read" in result.stderr
+    assert f"{tmp_path}: error: read_error" in result.stdout
+
+
+def test_predict_score_and_serve_default_to_the_bundled_model():
+    for command in ("predict", "score", "serve"):
+        shown = subprocess.run([C3AE, command, "--help"], capture_output=True, text=True, timeout=60).stdout
+        assert "bundled model" in " ".join(shown.split()), command
