@@ -73,7 +73,7 @@ def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, s
             distribution = served_face["age_distribution"]
             assert list(distribution) == [f"{b}" for b in range(0, 120, 10)]
             assert abs(sum(distribution.values()) - 1) < 0.01
-        assert body["model"] == {"name": "seed0", "version": body["model"]["version"], "sha256": body["model"]["sha256"]}
+        assert body["model"] == {"name": "c3ae_utkface", "version": body["model"]["version"], "sha256": body["model"]["sha256"]}
         assert len(body["model"]["version"]) == 12 and body["request_id"]
         assert answer.headers["x-request-id"] == body["request_id"]
         assert body["image"] == dict(zip(("width", "height"), Image.open(faces / name).size))
