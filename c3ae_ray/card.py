@@ -19,7 +19,7 @@ from c3ae_ray import storage
 from c3ae_ray.evaluate import DECADE, age_metrics, plot_error_by_decade, read_faces
 from c3ae_ray.model import count_parameters, load_model
 from c3ae_ray.score import predict_regions
-from c3ae_ray.train import decode_regions, in_validation, open_faces, split_key
+from c3ae_ray.train import decode_regions, in_validation, open_faces
 
 PLOT = "error_by_decade.png"
 TARGET_MAE = 5.5  # the bundled-model issue's goal on the held-out faces
@@ -29,7 +29,7 @@ def measure(model_source, data_location: str, val_fraction: float) -> dict:
     """Ages predicted in this process for the held-out faces of `data_location` -> metrics overall and by decade."""
     data = open_faces(data_location)
     faces = read_faces(data)
-    held_out = np.array([in_validation(split_key(p, s), val_fraction) for p, s in zip(faces["path"], faces["subject"])])
+    held_out = np.array([in_validation(key, val_fraction) for key in data.keys])  # training's own split
     index = np.flatnonzero(held_out)
     regions = decode_regions([faces["jpeg"][i] for i in index], [faces["path"][i] for i in index], data.crop.region_size)
     model, payload = load_model(model_source)

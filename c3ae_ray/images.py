@@ -80,3 +80,13 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     if decoded.ndim == 3:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
     return to_rgb_uint8(decoded)
+
+
+def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A local image file -> RGB uint8, as `decode_image`; a file that cannot be read is ImageError('read_error')."""
+    try:
+        with open(path, "rb") as file:
+            data = file.read()
+    except OSError as error:
+        raise ImageError("read_error", error.strerror or str(error)) from None
+    return decode_image(data, max_pixels)

@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from c3ae_ray.model import BUNDLED_MODEL
 from c3ae_ray.score import AgeEstimator, ImageAges
 
@@ -34,13 +34,7 @@ def predict_files(
         result = {"path": str(path), "faces": [], "n_faces": 0, "error": None}
         results.append(result)
         try:
-            image = decode_image(Path(path).read_bytes(), max_pixels)
-        except IsADirectoryError:
-            result["error"] = "read_error: is a folder"
-            continue
-        except OSError as error:
-            result["error"] = f"read_error: {error.strerror or error}"
-            continue
+            image = read_image(path, max_pixels)
         except ImageError as error:
             result["error"] = f"{error.reason}: {error}"
             continue

@@ -28,7 +28,7 @@ from c3ae_ray import __version__, storage
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.datasets import read_dataset
 from c3ae_ray.detect import DetectorConfig, FaceDetector
-from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
+from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, read_image
 from c3ae_ray.runtime import cluster_shape, pool_shape, ray_runtime
 
 STATUSES = ("kept", "no_face", "multi_face", "bad_age", "unreadable")
@@ -94,15 +94,6 @@ def _encode_jpeg(region: np.ndarray, quality: int) -> bytes:
     return data.tobytes()
 
 
-def _read(path: str, max_pixels: int) -> np.ndarray:
-    try:
-        with open(path, "rb") as file:
-            data = file.read()
-    except OSError as error:
-        raise ImageError("read_error", error.strerror or str(error)) from None
-    return decode_image(data, max_pixels)
-
-
 def process_records(records: list[dict], detector: FaceDetector, cfg: PreprocessConfig) -> pa.Table:
     """One batch of records -> one row per record (status says what became of it). No Ray in here."""
     rows, pending = [], []
@@ -113,7 +104,7 @@ def process_records(records: list[dict], detector: FaceDetector, cfg: Preprocess
             rows.append(_row(base, "bad_age", f"bad_age: {record.get('age')}"))
             continue
         try:
-            pending.append((base, _read(record["path"], cfg.max_pixels)))
+            pending.append((base, read_image(record["path"], cfg.max_pixels)))
         except ImageError as error:
             rows.append(_row(base, "unreadable", f"{error.reason}: {error}"))
     found_per_image = detector.detect_each([image for _, image in pending]) if pending else []
