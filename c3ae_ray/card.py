@@ -59,6 +59,12 @@ def write_card(run: str, out: str) -> dict:
     return measured
 
 
+def _schedule(config: dict) -> str:
+    if config.get("lr_schedule") == "cosine":
+        return "learning rate annealed to 0 on a cosine over the epochs"
+    return f"learning rate halved after {config['lr_patience']} epochs without a better validation MAE"
+
+
 def _card(summary: dict, m: dict, model_bytes: int) -> str:
     config, data = summary["config"], summary["data"]
     rows = "\n".join(
@@ -87,8 +93,8 @@ The default model of `c3ae predict`, `c3ae score` and `c3ae serve`: the full C3A
   of `file:<name>`), the same split on every machine: {m['faces']} faces, never trained on;
   {m['train_faces']:,} faces trained on.
 - Training: `c3ae train` on Ray Train, {summary['epochs']} epochs, Adam (lr {config['lr'] or 0.005}, weight decay
-  {config['weight_decay']}, batch {config['batch_size']}), alpha {config['alpha']} (KL) + L1, learning rate halved
-  after {config['lr_patience']} epochs without a better validation MAE, the best epoch kept ({summary['best_epoch']}).
+  {config['weight_decay']}, batch {config['batch_size']}), alpha {config['alpha']} (KL) + L1, {_schedule(config)},
+  the best epoch kept ({summary['best_epoch']}).
   Dropout {config['model']['dropout_feat']} (features) and {config['model']['dropout_head']} (head).
   Augmentation: box shift {augment.get('shift', 0)}, flips {augment.get('p_flip', 0)}, rotation
   {augment.get('p_rotate', 0)} (up to {augment.get('max_degrees', 0)} degrees), colour {augment.get('p_brightness', 0)},

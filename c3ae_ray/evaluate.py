@@ -46,8 +46,10 @@ from c3ae_ray.train import (
     decode_regions,
     in_validation,
     initial_weights,
+    lr_scheduler,
     open_faces,
     split_key,
+    step_schedule,
     train_epoch,
 )
 
@@ -217,7 +219,7 @@ def run_trial(config: dict, setup: dict) -> None:
     if setup["init_state"] is not None:
         model.load_state_dict(setup["init_state"])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, factor=cfg.lr_factor, patience=cfg.lr_patience)
+    scheduler = lr_scheduler(optimizer, cfg)
     train_rows = torch.as_tensor(spec["train"])
     test_rows = torch.as_tensor(spec["test"])
     # Test faces whose person this trial trains on: 0 by construction for lopo and --by-subject, and the
@@ -228,7 +230,7 @@ def run_trial(config: dict, setup: dict) -> None:
         order = train_rows[torch.randperm(len(train_rows), generator=shuffle)].to(device)
         batches = ({"region": regions[b], "boxes": boxes[b], "age": ages[b]} for b in order.split(cfg.batch_size))
         record = train_epoch(model, optimizer, batches, cfg, setup["crop_size"], generator, device, lambda seen: None)
-        scheduler.step(record["train_l1"])
+        step_schedule(scheduler, record["train_l1"])
         report = {"epoch": epoch, "train_loss": record["train_loss"], "train_l1": record["train_l1"],
                   "lr": optimizer.param_groups[0]["lr"]}
         if epoch == cfg.epochs:

@@ -42,6 +42,25 @@ def test_a_config_round_trips_through_json_and_bad_settings_are_named():
         train_config(None, {"data": "d", "out": "o", "val_fraction": 1.5})
     with pytest.raises(ValueError, match="workers must be at least 1"):
         train_config(None, {"data": "d", "out": "o", "workers": 0})
+    with pytest.raises(ValueError, match="lr_schedule must be one of plateau, cosine, got 'step'"):
+        train_config(None, {"data": "d", "out": "o", "lr_schedule": "step"})
+
+
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_the_learning_rate_schedules(schedule):
+    """Plateau halves after `lr_patience` epochs without a lower monitored value; cosine falls to near 0 at the end."""
+    cfg = TrainConfig(data="d", out="o", epochs=10, lr=0.004, lr_schedule=schedule, lr_patience=2)
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
+    scheduler = train.lr_scheduler(optimizer, cfg)
+    rates = []
+    for epoch in range(cfg.epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        train.step_schedule(scheduler, 5.0)  # never better than the first epoch
+    if schedule == "plateau":
+        assert rates == [0.004] * 4 + [0.002] * 3 + [0.001] * 3
+    else:
+        assert rates[0] == 0.004 and all(a > b for a, b in zip(rates, rates[1:]))
+        assert rates[5] == pytest.approx(0.002) and rates[-1] < 0.0001
 
 
 def test_the_validation_split_is_deterministic_close_to_its_fraction_and_keeps_people_together():
