@@ -59,6 +59,13 @@ def write_card(run: str, out: str) -> dict:
     return measured
 
 
+def _mirror(config: dict) -> str:
+    if config["model"].get("mirror_average"):
+        return ("\nIt answers for each face the mean of two passes, the face and its mirror image (`mirror_average`;"
+                "\nvalidation and this card measure it so).")
+    return ""
+
+
 def _schedule(config: dict) -> str:
     if config.get("lr_schedule") == "cosine":
         return "learning rate annealed to 0 on a cosine over the epochs"
@@ -76,7 +83,7 @@ def _card(summary: dict, m: dict, model_bytes: int) -> str:
     return f"""# Model card: c3ae_utkface.pt (the bundled model)
 
 The default model of `c3ae predict`, `c3ae score` and `c3ae serve`: the full C3AE of Zhang et al.
-(CVPR 2019), with context (three crops), the two-point cascade (12 bins, K = 10) and squeeze-and-excitation.
+(CVPR 2019), with context (three crops), the two-point cascade (12 bins, K = 10) and squeeze-and-excitation.{_mirror(config)}
 {m['parameters']:,} parameters, {model_bytes:,} bytes, sha256 `{m['sha256']}`.
 
 ## Data
