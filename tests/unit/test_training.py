@@ -55,6 +55,7 @@ def test_the_learning_rate_schedules(schedule):
     rates = []
     for epoch in range(cfg.epochs):
         rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # the epoch's steps come first, as in training
         train.step_schedule(scheduler, 5.0)  # never better than the first epoch
     if schedule == "plateau":
         assert rates == [0.004] * 4 + [0.002] * 3 + [0.001] * 3
