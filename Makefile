@@ -11,7 +11,7 @@ FACENET := facenet-pytorch==2.6.0
 CHROMIUM := /usr/bin/chromium
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: install serve test unit clean
+.PHONY: install serve test unit quick clean
 
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null || { echo "error: $(PYTHON) not found (Python 3.11 is required)"; exit 1; }
@@ -36,11 +36,16 @@ serve: install
 
 # pytest exits 5 when it collected no test: that is a failure here, said in words.
 test: install $(CHROMIUM)
-	@$(BIN)/python -m pytest tests; rc=$$?; \
+	@$(BIN)/python -m pytest tests --durations=15; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests"; fi; exit $$rc
 
+# The unit layer alone: no Ray, no subprocesses, about a minute.
 unit: install
 	$(BIN)/python -m pytest tests -m unit
+
+# Everything but the tests marked slow (full-dataset measurements, a two-node cluster): about half the time.
+quick: install $(CHROMIUM)
+	$(BIN)/python -m pytest tests -m "not slow"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -51,9 +51,10 @@ def model_or_untrained(model: str | None, folder: str) -> str:
     """The given model file, or an untrained full C3AE written into `folder`: speed does not depend on weights."""
     if model:
         return model
+    from c3ae_ray.config import to_dict
     from c3ae_ray.crops import CropConfig
     from c3ae_ray.model import C3AE, save_model
 
     path = f"{folder}/untrained.pt"
-    save_model(C3AE().eval(), path, crop_config=CropConfig().to_dict())
+    save_model(C3AE().eval(), path, crop_config=to_dict(CropConfig()))
     return path

@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/score_throughput.py [--images N] [--repeat K] [--model model.pt]
 
 On the first N images (by path; default all) of ../shared/data/utkface, in one run:
-- baseline: one process (torch's default threads) reading, decoding and running `AgeEstimator` (MTCNN in
+- baseline: one process (torch's default threads) reading, decoding and running `Estimator` (MTCNN in
   batches of 32, the crops, C3AE) over the images; it also times detection alone on the first 500 images,
   which says what share of the work the model has (why detector and model share an actor);
 - `c3ae score --input <folder or list of the N images>` as a user runs it (Ray start-up, actor pool, Parquet,
@@ -32,15 +32,15 @@ UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
 def loop(paths_file: str, model: str) -> None:
     """The one-process baseline (run in a child): prints its figures as JSON."""
     from c3ae_ray.images import decode_image
-    from c3ae_ray.score import AgeEstimator
+    from c3ae_ray.inference import Estimator, ImageFaces
 
     paths = Path(paths_file).read_text().split("\n")
-    estimator = AgeEstimator(model, device="cpu")
+    estimator = Estimator(model, device="cpu")
     estimator.estimate([decode_image(Path(paths[0]).read_bytes())])  # warm-up
     images = [decode_image(Path(p).read_bytes()) for p in paths[:500]]
     start = time.perf_counter()
     for i in range(0, len(images), 32):
-        estimator.cutter.detector.detect_each(images[i : i + 32])
+        estimator.finder.detector.detect_each(images[i : i + 32])
     detect_s = time.perf_counter() - start
     start = time.perf_counter()
     for i in range(0, len(images), 32):
@@ -51,7 +51,7 @@ def loop(paths_file: str, model: str) -> None:
     start = time.perf_counter()
     for i in range(0, len(paths), 32):
         batch = [decode_image(Path(p).read_bytes()) for p in paths[i : i + 32]]
-        faces += sum(len(result.faces) for result in estimator.estimate(batch) if not isinstance(result, Exception))
+        faces += sum(len(result.faces) for result in estimator.estimate(batch) if isinstance(result, ImageFaces))
     elapsed = time.perf_counter() - start
     print(json.dumps({"images_per_s": len(paths) / elapsed, "faces": faces, "model_share": 1 - detect_s / estimate_s}))
 

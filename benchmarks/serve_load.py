@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/serve_load.py [--seconds 20] [--model model.pt] [--memory-requests 10000]
 
 In one run, on the first 256 images (by name) of ../shared/data/utkface (200 x 200, one face each):
-- the limit: one process running `AgeEstimator` (MTCNN, crops, C3AE; torch's default threads) on the decoded
+- the limit: one process running `Estimator` (MTCNN, crops, C3AE; torch's default threads) on the decoded
   images in batches of 16, with no HTTP, no Ray and no JSON: images/s;
 - `c3ae serve` (its own local Ray, started as a user starts it) with batching (--max-batch-size 16), then
   with batches of 1; for each, closed-loop clients at concurrency 1, 8 and 32 for --seconds each:
@@ -40,10 +40,10 @@ LEVELS = (1, 8, 32)
 def limit(paths_file: str, model: str, seconds: float) -> None:
     """The in-process limit (run in a child): prints images/s as JSON."""
     from c3ae_ray.images import decode_image
-    from c3ae_ray.score import AgeEstimator
+    from c3ae_ray.inference import Estimator
 
     images = [decode_image(Path(p).read_bytes()) for p in Path(paths_file).read_text().split("\n")]
-    estimator = AgeEstimator(model, device="cpu")
+    estimator = Estimator(model, device="cpu")
     estimator.estimate(images[:16])  # warm-up
     done, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
@@ -134,7 +134,7 @@ def main() -> None:
         printed = subprocess.run([sys.executable, __file__, "--limit", str(listing), model, str(args.seconds)],
                                  capture_output=True, text=True, check=True).stdout
         limit_rate = json.loads(printed.strip().splitlines()[-1])["images_per_s"]
-        print(f"in-process limit (AgeEstimator, batches of 16, no HTTP): {limit_rate:.1f} images/s")
+        print(f"in-process limit (Estimator, batches of 16, no HTTP): {limit_rate:.1f} images/s")
 
         results: dict[tuple[int, int], dict] = {}
         memory = {}

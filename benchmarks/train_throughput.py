@@ -20,12 +20,14 @@ import time
 
 import cv2
 import numpy as np
-import pyarrow.dataset as pads
 import torch
 
 from c3ae_ray.augment import AugmentConfig, crop_batch
+from c3ae_ray.config import build
+from c3ae_ray.faces import decode_faces, open_faces
+from c3ae_ray.loop import bf16_supported
 from c3ae_ray.model import C3AE, c3ae_loss
-from c3ae_ray.train import bf16_supported, decode_faces, open_faces, train, train_config
+from c3ae_ray.train import TrainConfig, train
 
 
 class OpenCVFaces(torch.utils.data.Dataset):
@@ -74,9 +76,7 @@ class OpenCVFaces(torch.utils.data.Dataset):
 def plain_loop(data_location: str, samples: int, batch_size: int) -> float:
     """The baseline: DataLoader (one process, per-sample OpenCV) -> fp32 model -> Adam. -> samples/s."""
     data = open_faces(data_location)
-    table = pads.dataset(data.files, filesystem=data.filesystem, format="parquet").to_table(
-        columns=["region_jpeg", "region_boxes", "age"]
-    )
+    table = data.read(["region_jpeg", "region_boxes", "age"])
     jpegs = table.column("region_jpeg").to_pylist()
     boxes = np.asarray(table.column("region_boxes").to_pylist(), np.float32).reshape(len(jpegs), -1, 4)
     loader = torch.utils.data.DataLoader(
@@ -107,7 +107,7 @@ def batched_loop(data_location: str, device: str, samples: int, batch_size: int)
     """Our per-worker step without Ray: decoded regions on `device` -> crop_batch (augmenting) -> bf16 model.
     -> samples/s. On CPU it shows what Ray Train adds or costs; on a GPU it is the figure the issue asks for."""
     data = open_faces(data_location)
-    table = pads.dataset(data.files, filesystem=data.filesystem, format="parquet").to_table().slice(0, 2000)
+    table = data.read().slice(0, 2000)  # the training columns
     batch = decode_faces(table, None, 0.0, data.crop)
     regions = torch.from_numpy(batch["region"]).to(device)
     boxes, ages = torch.from_numpy(batch["boxes"]).to(device), torch.from_numpy(batch["age"]).to(device)
@@ -119,7 +119,7 @@ def batched_loop(data_location: str, device: str, samples: int, batch_size: int)
     while seen < samples:
         pick = torch.randint(0, len(ages), (batch_size,), device=device, generator=generator)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
-            age, distribution = model(crop_batch(regions[pick], boxes[pick], data.crop.size, AugmentConfig(), generator))
+            age, distribution = model(crop_batch(regions[pick], boxes[pick], AugmentConfig(), generator))
         loss = c3ae_loss(model, age.float(), distribution.float(), ages[pick])["total"]
         optimizer.zero_grad()
         loss.backward()
@@ -137,7 +137,7 @@ def ray_train(data_location: str, workers: int, epochs: int) -> float:
     """`c3ae train` for a few epochs; -> samples/s of its last epoch (the first includes warm-up)."""
     with tempfile.TemporaryDirectory() as folder:
         summary = train(
-            train_config(None, {"data": data_location, "out": f"{folder}/run", "epochs": epochs, "workers": workers})
+            build(TrainConfig, {"data": data_location, "out": f"{folder}/run", "epochs": epochs, "workers": workers})
         )
         with open(f"{folder}/run/metrics.json") as file:
             history = json.load(file)

@@ -4,18 +4,22 @@ Preprocessing stores per face the region of `c3ae_ray.crops.cut_region` and its 
 cuts the crops here, every epoch anew. Per-sample OpenCV in the data loader would cost CPU time per
 sample and per epoch; instead one `grid_sample` call cuts all boxes of a batch with random geometry
 (box shift, rotation, flip) on the GPU (or CPU), and colour changes and erasing run on the small
-crops. Switched off, the geometry is exactly that of `c3ae_ray.crops.sample_crops` (which rounds
-to uint8 on top), so training, scoring and serving see the same pixels.
+crops. Switched off, it is the inference path's crop sampler: scoring, serving, predict and evaluation cut
+their crops with this same function, so they see the pixels training saw (a numpy reference written from
+the definition, in the tests, checks it).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import partial
 
 import torch
 import torch.nn.functional as F
+
+from c3ae_ray.config import check
+from c3ae_ray.crops import CROP_SIZE
 
 
 @dataclass(frozen=True)
@@ -36,8 +40,10 @@ class AugmentConfig:
     erase_area: tuple[float, float] = (0.02, 0.2)  # share of the crop
     erase_ratio: tuple[float, float] = (0.3, 3.3)  # height / width, drawn log-uniform
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "erase_area": list(self.erase_area), "erase_ratio": list(self.erase_ratio)}
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if name.startswith("p_"):
+                check(0 <= value <= 1, f"augment.{name} is a probability (0 to 1), got {value}")
 
 
 def jitter_boxes(
@@ -75,7 +81,7 @@ def _sample(regions: torch.Tensor, theta: torch.Tensor, size: int) -> torch.Tens
     grid = grid.view(n, s, size, size, 2).transpose(1, 2).reshape(n, size, s * size, 2)
     pixels = regions.permute(0, 3, 1, 2).float()
     crops = F.grid_sample(pixels, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    crops.clamp_(0, 255)  # float weights can overshoot 255 by a rounding error, as sample_crops clips too
+    crops.clamp_(0, 255)  # float weights can overshoot 255 by a rounding error, as a uint8 crop would be
     return crops.view(n, 3, size, s, size).permute(0, 3, 1, 2, 4).contiguous()
 
 
@@ -115,13 +121,12 @@ def _erase(crops: torch.Tensor, cfg: AugmentConfig, rand) -> torch.Tensor:
 def crop_batch(
     regions: torch.Tensor,
     boxes: torch.Tensor,
-    size: int = 64,
     augment: AugmentConfig | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """regions (N, R, R, 3) uint8 (channels last, as decoded), boxes (N, S, 4) float in region pixels
-    -> crops (N, S, 3, size, size) float32 in 0..255, ready for C3AE. augment=None: exactly the geometry
-    of c3ae_ray.crops.sample_crops (no rounding). Random numbers come from `generator` (on the inputs' device)."""
+    -> crops (N, S, 3, 64, 64) float32 in 0..255, ready for C3AE. augment=None: the crops every stage infers
+    on (no rounding). Random numbers come from `generator` (on the inputs' device)."""
     if regions.dim() != 4 or regions.shape[1] != regions.shape[2] or regions.shape[3] != 3:
         raise ValueError(f"regions must be (N, R, R, 3) square RGB regions, got shape {tuple(regions.shape)}")
     if regions.dtype != torch.uint8:
@@ -137,7 +142,7 @@ def crop_batch(
         boxes = jitter_boxes(boxes, region_size, augment.shift, generator)
         angles = torch.where(rand(n) < augment.p_rotate, (2 * rand(n) - 1) * augment.max_degrees, 0.0)
         flips = rand(n) < augment.p_flip
-    crops = _sample(regions, affine_theta(boxes, region_size, angles, flips), size)
+    crops = _sample(regions, affine_theta(boxes, region_size, angles, flips), CROP_SIZE)
     if augment is not None:
         crops = _erase(_colour(crops, augment, rand), augment, rand)
     return crops

@@ -1,64 +1,111 @@
-"""The `c3ae` command: parse arguments, call a stage function, print its summary. No logic lives here."""
+"""The `c3ae` command: parse arguments, build a stage's config, call the stage, print its summary. No logic here.
+
+Every stage command builds its config one way (`config.build`): the dataclass's defaults <- an optional
+`--config` YAML <- the flags given. A flag names the config field it sets (nested fields with a dot, such as
+`detector.min_face_score`), and its help shows the dataclass's default, so no default is written twice.
+A `UserError` prints one line and exits 1; anything else is a bug: a first line says so, then the traceback, exit 2.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
+import traceback
 
 from c3ae_ray import __version__
+from c3ae_ray.config import UserError, build, field_default, load_yaml, merge, nest
+
+NOT_FIELDS = {"command", "run", "config", "stage"}  # namespace entries that are no config fields
 
 
-def _summary(args: argparse.Namespace) -> int:
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _score_or_off(text: str) -> float | None:
+    """IMDB-WIKI's face_score filter: a negative value turns it off."""
+    value = float(text)
+    return None if value < 0 else value
+
+
+class _Command:
+    """One subcommand whose flags set fields of its stage's config dataclass."""
+
+    def __init__(self, commands, name: str, cls, run, help: str, description: str, config_flag: bool = True):
+        self.cls = cls
+        self.required = {f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        self.parser = commands.add_parser(name, help=help, description=description)
+        self.parser.set_defaults(run=run, stage=self)
+        if config_flag:
+            self.parser.add_argument("--config", help="YAML with this command's settings (flags override it)")
+
+    def flag(self, flag: str, field: str, help: str = "", **options) -> "_Command":
+        """A flag for `field`: absent unless given, its help ends with the dataclass's default."""
+        default, name = field_default(self.cls, field), field.rsplit(".", 1)[-1]
+        if field in self.required:
+            note = "required, as a flag or in --config"
+        elif options.get("action") == "store_const" or dataclasses.is_dataclass(default):
+            note = f"default: {name} {'on' if default else 'off'}"  # a switch that turns a field off
+        elif isinstance(default, bool):
+            note = f"default: {'on' if default else 'off'}"
+        else:
+            note = f"default: {'none' if default is None else ' '.join(map(str, default)) if isinstance(default, tuple) else default}"
+        if "action" not in options:
+            options.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+        self.parser.add_argument(flag, dest=field, default=argparse.SUPPRESS, help=f"{help} ({note})".lstrip(), **options)
+        return self
+
+    def detection_flags(self) -> "_Command":
+        """Where the detector runs and what counts as a face: the same two flags in every stage that detects."""
+        return (self.flag("--device", "device", choices=DEVICES)
+                .flag("--min-face-score", "detector.min_face_score", "MTCNN probability for a face to count", type=float))
+
+    def config(self, args: argparse.Namespace):
+        """Defaults <- --config YAML <- the flags given -> the stage's config; a missing required field names its flag."""
+        given = nest({k: v for k, v in vars(args).items() if k not in NOT_FIELDS})
+        values = merge(load_yaml(getattr(args, "config", None)), given)
+        flags = {action.dest: action.option_strings[0] for action in self.parser._actions if action.option_strings}
+        missing = [flags.get(name, name) for name in sorted(self.required - set(values))]
+        if missing:
+            raise UserError(f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} required (as flags or in --config)")
+        return build(self.cls, values, args.command)
+
+
+# ---- what each command runs ----
+
+
+def _summary(args) -> int:
     from c3ae_ray.summary import summary_text
 
     print(summary_text())
     return 0
 
 
-def _preprocess(args: argparse.Namespace) -> int:
-    from c3ae_ray.preprocess import PreprocessConfig, format_summary, preprocess
+def _preprocess(args) -> int:
+    from c3ae_ray.preprocess import format_summary, preprocess
 
-    cfg = PreprocessConfig(
-        dataset=args.dataset,
-        root=args.root,
-        out=args.out,
-        csv=args.csv,
-        device=args.device,
-        detectors=args.detectors,
-        batch_size=args.batch_size,
-        limit=args.limit,
-        min_face_score=args.min_face_score,
-        min_age=args.min_age,
-        max_age=args.max_age,
-        mat_min_face_score=None if args.mat_min_face_score < 0 else args.mat_min_face_score,
-        drop_second_face=not args.keep_second_face,
-        max_pixels=args.max_pixels,
-        overwrite=args.overwrite,
-    )
-    print(format_summary(preprocess(cfg)))
+    print(format_summary(preprocess(args.stage.config(args))))
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from c3ae_ray.train import format_summary, train, train_config
+def _train(args) -> int:
+    from c3ae_ray.train import format_summary, train
 
-    flags = {
-        "data": args.data, "out": args.out, "val_data": args.val_data, "val_fraction": args.val_fraction,
-        "epochs": args.epochs, "workers": args.workers, "gpu": args.gpu or None, "batch_size": args.batch_size,
-        "lr": args.lr, "init_from": args.init_from, "seed": args.seed, "overwrite": args.overwrite or None,
-        "context": False if args.no_context else None, "cascade": False if args.no_cascade else None,
-        "se": False if args.no_se else None, "augment": False if args.no_augment else None,
-    }
-    print(format_summary(train(train_config(args.config, flags))))
+    print(format_summary(train(args.stage.config(args))))
     return 0
 
 
-def _evaluate(args: argparse.Namespace) -> int:
-    from c3ae_ray.evaluate import EvalConfig, evaluate, format_report
+def _evaluate(args) -> int:
+    from c3ae_ray.protocols import format_report
+    from c3ae_ray.evaluate import evaluate
 
-    protocol = getattr(args, "protocol", None) or "ablation"
-    given = {k: v for k, v in vars(args).items() if k in EvalConfig.__dataclass_fields__ and v is not None}
-    summary = evaluate(EvalConfig(**{**given, "protocol": protocol, "variants": tuple(args.variants or EvalConfig.variants)}))
+    if args.command == "ablate":
+        args.protocol = "ablation"
+    summary = evaluate(args.stage.config(args))
     print(format_report(summary))
     print(f"report: {summary['out']}/report.md, summary.json, trial_mae.png, pred_vs_true.png, error_by_decade.png")
     if summary["failed"]:
@@ -67,39 +114,28 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _score(args: argparse.Namespace) -> int:
-    from c3ae_ray.score import ScoreConfig, format_summary, score
+def _score(args) -> int:
+    from c3ae_ray.score import format_summary, score
 
-    cfg = ScoreConfig(
-        input=args.input, out=args.out, model=args.model, device=args.device, actors=args.actors,
-        batch_size=args.batch_size, min_face_score=args.min_face_score, max_faces=args.max_faces,
-        max_pixels=args.max_pixels, overwrite=args.overwrite,
-    )
-    print(format_summary(score(cfg)))
+    print(format_summary(score(args.stage.config(args))))
     return 0
 
 
-def _pipeline(args: argparse.Namespace) -> int:
-    from c3ae_ray.pipeline import format_summary, load_config, run_pipeline
-
-    print(format_summary(run_pipeline(load_config(args.config))))
-    return 0
-
-
-def _predict(args: argparse.Namespace) -> int:
+def _predict(args) -> int:
     import json
 
     from c3ae_ray.predict import format_results, predict_files
 
-    results = predict_files(args.images, args.model, args.device, args.min_face_score, args.draw)
-    print(json.dumps(results, indent=2) if args.json else format_results(results))
+    cfg = args.stage.config(args)
+    results = predict_files(cfg)
+    print(json.dumps(results, indent=2) if cfg.json else format_results(results))
     if all(result["error"] for result in results):
         print(f"c3ae predict: none of the {len(results)} file(s) could be read", file=sys.stderr)
         return 1
     return 0
 
 
-def _export(args: argparse.Namespace) -> int:
+def _export(args) -> int:
     from c3ae_ray.export import export_model
 
     summary = export_model(args.model, args.format, args.out)
@@ -110,158 +146,159 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def _pipeline(args) -> int:
+    from c3ae_ray.pipeline import format_summary, run_pipeline
+
+    print(format_summary(run_pipeline(load_yaml(args.config))))
+    return 0
+
+
+def _serve(args) -> int:
+    from c3ae_ray.serving import serve_forever
+
+    served = serve_forever(args.stage.config(args))
+    print(f"c3ae serve: stopped after {served['served_s']:.0f} s")
+    return 0
+
+
+# ---- the parser ----
+
+DEVICES = ("auto", "cpu", "cuda")
+RAY_WHERE = "Runs on a local Ray, or the cluster at RAY_ADDRESS."
 
 
 def _add_preprocess(commands) -> None:
     from c3ae_ray.datasets import DATASETS
-    from c3ae_ray.images import DEFAULT_MAX_PIXELS
+    from c3ae_ray.preprocess import PreprocessConfig
 
-    parser = commands.add_parser(
-        "preprocess",
-        help="dataset -> MTCNN -> face regions -> Parquet (Ray Data)",
-        description="Detect faces in a face-age dataset and write one Parquet row per usable face, with a "
-        "summary.json of counts. Runs on a local Ray, or the cluster at RAY_ADDRESS.",
+    (
+        _Command(commands, "preprocess", PreprocessConfig, _preprocess, "dataset -> MTCNN -> face regions -> Parquet (Ray Data)",
+                 "Detect faces in a face-age dataset and write one Parquet row per usable face, with a summary.json of "
+                 f"counts. {RAY_WHERE}")
+        .flag("--dataset", "dataset", choices=DATASETS)
+        .flag("--root", "root", "the dataset's folder as published")
+        .flag("--out", "out", "output folder: a local path or s3://bucket/prefix")
+        .flag("--csv", "csv", "folder layout: labels CSV with columns path,age[,subject]; none means ROOT/labels.csv")
+        .detection_flags()
+        .flag("--detectors", "detectors", "MTCNN actors; none means one per CPU, or per GPU", type=_positive_int)
+        .flag("--batch-size", "batch_size", "images per detector batch", type=_positive_int)
+        .flag("--limit", "limit", "only the first N images (sorted by path)", type=_positive_int)
+        .flag("--min-age", "min_age", type=float)
+        .flag("--max-age", "max_age", type=float)
+        .flag("--mat-min-face-score", "mat_min_face_score", "IMDB-WIKI: minimum face_score from the .mat (negative: keep all)", type=_score_or_off)
+        .flag("--keep-second-face", "drop_second_face", "IMDB-WIKI: keep images where the dataset saw a second face", action="store_const", const=False)
+        .flag("--max-pixels", "max_pixels", "larger images are skipped", type=_positive_int)
+        .flag("--overwrite", "overwrite", "replace an existing --out once the new one is complete", action="store_true")
     )
-    parser.add_argument("--dataset", required=True, choices=DATASETS)
-    parser.add_argument("--root", required=True, help="the dataset's folder as published")
-    parser.add_argument("--out", required=True, help="output folder: a local path or s3://bucket/prefix")
-    parser.add_argument("--csv", help="folder layout: labels CSV with columns path,age[,subject] (default ROOT/labels.csv)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--detectors", type=_positive_int, help="MTCNN actors (default: one per CPU, or per GPU)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per detector batch")
-    parser.add_argument("--limit", type=_positive_int, help="only the first N images (sorted by path)")
-    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability for a face to count")
-    parser.add_argument("--min-age", type=float, default=0.0)
-    parser.add_argument("--max-age", type=float, default=120.0)
-    parser.add_argument(
-        "--mat-min-face-score", type=float, default=1.0,
-        help="IMDB-WIKI: minimum face_score from the .mat (negative: keep all)",
-    )
-    parser.add_argument("--keep-second-face", action="store_true", help="IMDB-WIKI: keep images with a second face")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="larger images are skipped")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
-    parser.set_defaults(run=_preprocess)
 
 
 def _add_train(commands) -> None:
-    parser = commands.add_parser(
-        "train",
-        help="preprocessed Parquet -> model.pt (Ray Train, data-parallel)",
-        description="Train C3AE on `c3ae preprocess` output with Ray Train: data-parallel workers, batched "
-        "augmentation, a checkpoint every epoch. Rerunning the same command on an unfinished --out resumes it. "
-        "Runs on a local Ray, or the cluster at RAY_ADDRESS. Flags override --config.",
+    from c3ae_ray.train import TrainConfig
+
+    (
+        _Command(commands, "train", TrainConfig, _train, "preprocessed Parquet -> model.pt (Ray Train, data-parallel)",
+                 "Train C3AE on `c3ae preprocess` output with Ray Train: data-parallel workers, batched augmentation, a "
+                 f"checkpoint every epoch. Rerunning the same command on an unfinished --out resumes it. {RAY_WHERE} "
+                 "--config takes TrainConfig fields (model: and augment: as mappings; augment: null turns it off).")
+        .flag("--data", "data", "a `c3ae preprocess` output folder (path or s3://)")
+        .flag("--val-data", "val_data", "a separate validation output; none means --val-fraction of --data")
+        .flag("--val-fraction", "val_fraction", "share of --data held out by a hash of subject or file name", type=float)
+        .flag("--out", "out", "run folder: path or s3:// (shared storage for a multi-node run)")
+        .flag("--epochs", "epochs", type=_positive_int)
+        .flag("--workers", "workers", "data-parallel workers", type=_positive_int)
+        .flag("--gpu", "gpu", "one GPU per worker (DDP over NCCL)", action="store_true")
+        .flag("--batch-size", "batch_size", "per worker", type=_positive_int)
+        .flag("--lr", "lr", "Adam learning rate; none means 0.005 for the full model, 0.002 without SE", type=float)
+        .flag("--init-from", "init_from", "fine-tune from this model.pt (its switches and bins are kept)")
+        .flag("--no-context", "model.context", "one crop (the largest) instead of three", action="store_const", const=False)
+        .flag("--no-cascade", "model.cascade", "no two-point bins: plain regression", action="store_const", const=False)
+        .flag("--no-se", "model.se", "no squeeze-and-excitation (the plain C3AE)", action="store_const", const=False)
+        .flag("--no-augment", "augment", "train without augmentation", action="store_const", const=None)
+        .flag("--seed", "seed", type=int)
+        .flag("--overwrite", "overwrite", "discard what --out holds and train from scratch", action="store_true")
     )
-    parser.add_argument("--data", help="a `c3ae preprocess` output folder (path or s3://)")
-    parser.add_argument("--val-data", help="a separate validation output (default: --val-fraction of --data)")
-    parser.add_argument("--val-fraction", type=float, help="share of --data held out by a hash of subject or path (0.1)")
-    parser.add_argument("--out", help="run folder: path or s3:// (shared storage for a multi-node run)")
-    parser.add_argument("--config", help="YAML with TrainConfig fields (model: and augment: as mappings)")
-    parser.add_argument("--epochs", type=_positive_int)
-    parser.add_argument("--workers", type=_positive_int, help="data-parallel workers (1)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (DDP over NCCL)")
-    parser.add_argument("--batch-size", type=_positive_int, help="per worker (50)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (0.005 full model, 0.002 without SE)")
-    parser.add_argument("--init-from", help="fine-tune from this model.pt (its switches and bins are kept)")
-    parser.add_argument("--no-context", action="store_true", help="one crop (the largest) instead of three")
-    parser.add_argument("--no-cascade", action="store_true", help="no two-point bins: plain regression")
-    parser.add_argument("--no-se", action="store_true", help="no squeeze-and-excitation (the plain C3AE)")
-    parser.add_argument("--no-augment", action="store_true")
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--overwrite", action="store_true", help="discard what --out holds and train from scratch")
-    parser.set_defaults(run=_train)
 
 
-def _add_trial_flags(parser) -> None:
-    """Flags that evaluate and ablate share: how each trial trains and where it runs."""
-    parser.add_argument("--data", required=True, help="a `c3ae preprocess` output folder (path or s3://)")
-    parser.add_argument("--out", required=True, help="report folder: path or s3://; rerunning the same command resumes it")
-    parser.add_argument("--epochs", type=_positive_int, help="epochs per trial (30)")
-    parser.add_argument("--batch-size", type=_positive_int, help="(50)")
-    parser.add_argument("--lr", type=float, help="Adam learning rate (0.005 full model, 0.002 without SE)")
-    parser.add_argument("--seed", type=int, help="seeds the splits and each trial's training (0)")
-    parser.add_argument("--trial-cpus", type=float, help="CPUs per trial, may be fractional (1)")
-    parser.add_argument("--trial-gpus", type=float, help="GPUs per trial, may be fractional (0)")
-    parser.add_argument("--max-failures", type=int, help="retries of a failed trial before it is reported failed (2)")
-    parser.add_argument("--overwrite", action="store_true", default=None, help="discard what --out holds and start over")
+def _trial_flags(command: _Command) -> _Command:
+    """Flags that evaluate and ablate share: where, how each trial trains, and where it runs."""
+    return (
+        command.flag("--data", "data", "a `c3ae preprocess` output folder (path or s3://)")
+        .flag("--out", "out", "report folder: path or s3://; rerunning the same command resumes it")
+        .flag("--epochs", "epochs", "epochs per trial", type=_positive_int)
+        .flag("--batch-size", "batch_size", type=_positive_int)
+        .flag("--lr", "lr", "Adam learning rate; none means 0.005 for the full model, 0.002 without SE", type=float)
+        .flag("--seed", "seed", "seeds the splits and each trial's training", type=int)
+        .flag("--trial-cpus", "trial_cpus", "CPUs per trial, may be fractional", type=float)
+        .flag("--trial-gpus", "trial_gpus", "GPUs per trial, may be fractional", type=float)
+        .flag("--max-failures", "max_failures", "retries of a failed trial before it is reported failed", type=int)
+        .flag("--overwrite", "overwrite", "discard what --out holds and start over", action="store_true")
+    )
 
 
 def _add_evaluate(commands) -> None:
-    parser = commands.add_parser(
-        "evaluate",
-        help="FG-NET protocols on Ray Tune: repeated splits or leave-one-person-out",
-        description="Train (or fine-tune) and test one model per split or fold, each a Ray Tune trial, and "
-        "write summary.json, report.md and plots. Runs on a local Ray, or the cluster at RAY_ADDRESS.",
+    from c3ae_ray.evaluate import EvalConfig
+
+    command = (
+        _Command(commands, "evaluate", EvalConfig, _evaluate, "FG-NET protocols on Ray Tune: repeated splits or leave-one-person-out",
+                 "Train (or fine-tune) and test one model per split or fold, each a Ray Tune trial, and write summary.json, "
+                 f"report.md and plots. {RAY_WHERE}")
+        .flag("--protocol", "protocol", choices=("splits", "lopo"))
+        .flag("--repeats", "repeats", "splits: number of random splits", type=_positive_int)
+        .flag("--test-size", "test_size", "splits: test images per split", type=_positive_int)
+        .flag("--by-subject", "by_subject", "splits: identity-disjoint test parts", action="store_true")
+        .flag("--init-from", "init_from", "fine-tune every trial from this model.pt")
     )
-    parser.add_argument("--protocol", required=True, choices=("splits", "lopo"))
-    parser.add_argument("--repeats", type=_positive_int, help="splits: number of random splits (10)")
-    parser.add_argument("--test-size", type=_positive_int, help="splits: test images per split (30)")
-    parser.add_argument("--by-subject", action="store_true", default=None, help="splits: identity-disjoint test parts")
-    parser.add_argument("--init-from", help="fine-tune every trial from this model.pt")
-    _add_trial_flags(parser)
-    parser.set_defaults(run=_evaluate, variants=None)
+    _trial_flags(command)
 
 
 def _add_ablate(commands) -> None:
-    from c3ae_ray.evaluate import ABLATIONS
+    from c3ae_ray.evaluate import EvalConfig
+    from c3ae_ray.protocols import ABLATIONS
 
-    parser = commands.add_parser(
-        "ablate",
-        help="the paper's ablation on Ray Tune: full, no-context, no-cascade, no-augment, no-SE",
-        description="Train every model variant with several seeds on one hash split (as training's) and "
-        "compare them on its test part, each a Ray Tune trial.",
+    command = (
+        _Command(commands, "ablate", EvalConfig, _evaluate, "the paper's ablation on Ray Tune: full, no-context, no-cascade, no-augment, no-SE",
+                 "Train every model variant with several seeds on one hash split (as training's) and compare them on its "
+                 "test part, each a Ray Tune trial.")
+        .flag("--seeds", "seeds", "trials per variant", type=_positive_int)
+        .flag("--variants", "variants", nargs="+", choices=ABLATIONS)
+        .flag("--test-fraction", "test_fraction", "share held out by a hash of subject or path", type=float)
     )
-    parser.add_argument("--seeds", type=_positive_int, help="trials per variant (3)")
-    parser.add_argument("--variants", nargs="+", choices=ABLATIONS, help="(all)")
-    parser.add_argument("--test-fraction", type=float, help="share held out by a hash of subject or path (0.1)")
-    _add_trial_flags(parser)
-    parser.set_defaults(run=_evaluate)
+    _trial_flags(command)
 
 
 def _add_score(commands) -> None:
-    from c3ae_ray.images import DEFAULT_MAX_PIXELS
-    from c3ae_ray.model import BUNDLED_MODEL
+    from c3ae_ray.score import ScoreConfig
 
-    parser = commands.add_parser(
-        "score",
-        help="image store -> every face's age -> Parquet (Ray Data)",
-        description="Detect every face in a folder, a file list, one image or an s3:// (gs://) prefix and write one "
-        "Parquet row per face with its age; images without faces and unreadable files get a row each. Runs "
-        "on a local Ray, or the cluster at RAY_ADDRESS.",
+    (
+        _Command(commands, "score", ScoreConfig, _score, "image store -> every face's age -> Parquet (Ray Data)",
+                 "Detect every face in a folder, a file list, one image or an s3:// (gs://) prefix and write one Parquet row "
+                 f"per face with its age; images without faces and unreadable files get a row each. {RAY_WHERE}")
+        .flag("--input", "input", "folder, image, list of images (a line each) or s3://bucket/prefix")
+        .flag("--out", "out", "output folder: a local path or s3://bucket/prefix")
+        .flag("--model", "model", "a model.pt from `c3ae train` (path or s3://; the default is the bundled model)")
+        .detection_flags()
+        .flag("--actors", "actors", "detector+model actors; none means one per CPU, or per GPU", type=_positive_int)
+        .flag("--batch-size", "batch_size", "images per actor batch", type=_positive_int)
+        .flag("--max-faces", "max_faces", "per image, most confident first; none means all", type=_positive_int)
+        .flag("--max-pixels", "max_pixels", "larger images are error rows", type=_positive_int)
+        .flag("--overwrite", "overwrite", "replace an existing --out once the new one is complete", action="store_true")
     )
-    parser.add_argument("--input", required=True, help="folder, image, list of images (a line each) or s3://bucket/prefix")
-    parser.add_argument("--out", required=True, help="output folder: a local path or s3://bucket/prefix")
-    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="a model.pt from `c3ae train` (path or s3://; default: the bundled model)")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--actors", type=_positive_int, help="detector+model actors (default: one per CPU, or per GPU)")
-    parser.add_argument("--batch-size", type=_positive_int, default=32, help="images per actor batch")
-    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability for a face to count")
-    parser.add_argument("--max-faces", type=_positive_int, help="per image, most confident first (default: all)")
-    parser.add_argument("--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS, help="larger images are error rows")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out once the new one is complete")
-    parser.set_defaults(run=_score)
 
 
 def _add_predict(commands) -> None:
-    from c3ae_ray.model import BUNDLED_MODEL
+    from c3ae_ray.predict import PredictConfig
 
-    parser = commands.add_parser(
-        "predict",
-        help="the age of every face in a few photos, here and now (no Ray, bundled model by default)",
-        description="Detect the faces in each image and print each face's box and age. Runs in this process; "
-        "unreadable files and images without a face are reported per file. Exit 1 only when no file could be read.",
+    command = (
+        _Command(commands, "predict", PredictConfig, _predict,
+                 "the age of every face in a few photos, here and now (no Ray, bundled model by default)",
+                 "Detect the faces in each image and print each face's box and age. Runs in this process; unreadable files "
+                 "and images without a face are reported per file. Exit 1 only when no file could be read.")
+        .flag("--model", "model", "a model.pt from `c3ae train` (path or s3://; the default is the bundled model)")
+        .flag("--json", "json", "print the results as JSON", action="store_true")
+        .flag("--draw", "draw", "write a copy of each photo with boxes and ages into this folder", metavar="OUT_DIR")
+        .detection_flags()
     )
-    parser.add_argument("images", nargs="+", metavar="IMAGE")
-    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="a model.pt from `c3ae train` (path or s3://; default: the bundled model)")
-    parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--draw", metavar="OUT_DIR", help="write a copy of each photo with boxes and ages here")
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--min-face-score", type=float, default=0.9, help="MTCNN probability for a face to count")
-    parser.set_defaults(run=_predict)
+    command.parser.add_argument("images", nargs="+", metavar="IMAGE")
 
 
 def _add_export(commands) -> None:
@@ -283,82 +320,57 @@ def _add_pipeline(commands) -> None:
     parser = commands.add_parser(
         "pipeline",
         help="preprocess -> pretrain -> fine-tune -> evaluate -> model file, resumable (YAML config)",
-        description="Run the whole recipe from one YAML (see jobs/pipeline.yaml): IMDB-WIKI preprocessing, "
-        "pretraining, fine-tuning on UTKFace or FG-NET, FG-NET evaluation and the final model file. Every step "
-        "writes under the config's out; rerunning the same config skips complete steps and resumes the rest. "
-        "Runs on a local Ray, or the cluster at RAY_ADDRESS.",
+        description="Run the whole recipe from one YAML (see jobs/pipeline.yaml): IMDB-WIKI preprocessing, pretraining, "
+        "fine-tuning on UTKFace or FG-NET, FG-NET evaluation and the final model file. Every step writes under the "
+        f"config's out; rerunning the same config skips complete steps and resumes the rest. {RAY_WHERE}",
     )
     parser.add_argument("--config", required=True, help="pipeline YAML (path or s3://)")
     parser.set_defaults(run=_pipeline)
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from c3ae_ray.serving import Limits, ServeConfig, default_model, serve_forever
-
-    limits = Limits(max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels, max_in_flight=args.max_in_flight, timeout_s=args.timeout)
-    cfg = ServeConfig(
-        model=args.model or default_model(), device=args.device, host=args.host, port=args.port, min_face_score=args.min_face_score,
-        max_batch_size=args.max_batch_size, limits=limits,
-    )
-    served = serve_forever(cfg)
-    print(f"c3ae serve: stopped after {served['served_s']:.0f} s")
-    return 0
-
-
 def _add_serve(commands) -> None:
-    from c3ae_ray.serving import API_KEY_ENV, MODEL_ENV, Limits, ServeConfig
+    from c3ae_ray.api import API_KEY_ENV, MODEL_ENV, ServeConfig
 
-    parser = commands.add_parser(
-        "serve",
-        help="HTTP API and web page for the ages of the faces in a photo (Ray Serve)",
-        description="Start the Serve app (POST /v1/age, GET /healthz, the web page at /, OpenAPI at /docs) on an "
-        f"embedded local Ray, or the cluster at RAY_ADDRESS, until Ctrl-C. With ${API_KEY_ENV} set, /v1/* needs "
-        "that key (Authorization: Bearer KEY or X-API-Key).",
+    (
+        _Command(commands, "serve", ServeConfig, _serve, "HTTP API and web page for the ages of the faces in a photo (Ray Serve)",
+                 "Start the Serve app (POST /v1/age, GET /healthz, the web page at /, OpenAPI at /docs) on an embedded "
+                 f"local Ray, or the cluster at RAY_ADDRESS, until Ctrl-C. With ${API_KEY_ENV} set, /v1/* needs that key "
+                 "(Authorization: Bearer KEY or X-API-Key). --config takes the `args` of a Serve config file.")
+        .flag("--model", "model", f"a model.pt from `c3ae train` (path or s3://); none means ${MODEL_ENV}, else the bundled model")
+        .flag("--host", "host")
+        .flag("--port", "port", type=_positive_int)
+        .detection_flags()
+        .flag("--max-batch-size", "max_batch_size", "requests per detector or model batch", type=_positive_int)
+        .flag("--max-body-bytes", "limits.max_body_bytes", "larger bodies get 413", type=_positive_int)
+        .flag("--max-pixels", "limits.max_pixels", "larger images get 413", type=_positive_int)
+        .flag("--max-in-flight", "limits.max_in_flight", "more concurrent requests get 503", type=_positive_int)
+        .flag("--timeout", "limits.timeout_s", "seconds before a request gets 504", type=float)
     )
-    parser.add_argument("--model", help=f"a model.pt from `c3ae train` (path or s3://; default ${MODEL_ENV}, else the bundled model)")
-    parser.add_argument("--host", default=ServeConfig.host)
-    parser.add_argument("--port", type=_positive_int, default=ServeConfig.port)
-    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--min-face-score", type=float, default=ServeConfig.min_face_score, help="MTCNN probability for a face to count")
-    parser.add_argument("--max-batch-size", type=_positive_int, default=ServeConfig.max_batch_size, help="requests per detector or model batch")
-    parser.add_argument("--max-body-bytes", type=_positive_int, default=Limits.max_body_bytes, help="larger bodies get 413")
-    parser.add_argument("--max-pixels", type=_positive_int, default=Limits.max_pixels, help="larger images get 413")
-    parser.add_argument("--max-in-flight", type=_positive_int, default=Limits.max_in_flight, help="more concurrent requests get 503")
-    parser.add_argument("--timeout", type=float, default=Limits.timeout_s, help="seconds before a request gets 504")
-    parser.set_defaults(run=_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="c3ae",
-        description="C3AE age estimation on Ray (Zhang et al., CVPR 2019).",
-    )
+    parser = argparse.ArgumentParser(prog="c3ae", description="C3AE age estimation on Ray (Zhang et al., CVPR 2019).")
     parser.add_argument("--version", action="version", version=f"c3ae {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    summary = commands.add_parser(
-        "summary", help="print each model variant layer by layer with parameter counts (paper Table 1)"
-    )
-    summary.set_defaults(run=_summary)
-    _add_preprocess(commands)
-    _add_train(commands)
-    _add_evaluate(commands)
-    _add_ablate(commands)
-    _add_score(commands)
-    _add_predict(commands)
-    _add_export(commands)
-    _add_pipeline(commands)
-    _add_serve(commands)
+    commands.add_parser("summary", help="print each model variant layer by layer with parameter counts (paper Table 1)").set_defaults(run=_summary)
+    for add in (_add_preprocess, _add_train, _add_evaluate, _add_ablate, _add_score, _add_predict, _add_export, _add_pipeline, _add_serve):
+        add(commands)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Errors a user can fix (bad input, existing output, nothing usable) print one line and exit 1."""
+    """A UserError prints one line and exits 1; any other error is a bug: a line saying so, the traceback, exit 2."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
+    except UserError as error:
         print(f"c3ae {args.command}: error: {error}", file=sys.stderr)
         return 1
+    except Exception as error:
+        print(f"c3ae {args.command}: internal error (a bug, not something you did): {type(error).__name__}: {error}\n"
+              "The traceback follows; please report it.", file=sys.stderr)
+        traceback.print_exc()
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,50 +1,57 @@
 """The crop geometry: the only place it lives. Preprocessing, training, scoring and serving all use it.
 
-Two steps, both here so that no stage can drift from another:
+Two steps, so that no stage can drift from another:
 
 1. `cut_region`: the square around the face that holds the largest context box plus a margin (room for
    the random box shift in training), cut with reflect padding where it leaves the image and resized to
    `region_size` pixels (area filter when shrinking, bilinear when enlarging). The face box's longer side
-   becomes `size` pixels there (64 by default), so step 2 never shrinks by more than max(scales).
+   becomes 64 pixels there, so step 2 never shrinks by more than max(scales).
    Preprocessing stores exactly this region; serving and scoring compute it on the fly.
-2. `sample_crops`: each context box is sampled to `size` x `size` with bilinear interpolation at pixel
-   centres and reflect padding, which is exactly what `torch.nn.functional.grid_sample(mode="bilinear",
-   padding_mode="reflection", align_corners=False)` computes: training's batched augmentation samples the
-   same pixels when it is switched off.
+2. `augment.crop_batch`: each context box is sampled to 64 x 64 with bilinear interpolation at pixel centres
+   and reflect padding (`grid_sample`), for a batch at once, with training's random geometry or without it.
 
 Context boxes are squares centred on the face box centre with sides `scales` x the box's longer side
 (1.0, 1.5, 2.0 by default: the paper gives no numbers and public ports disagree). Landmarks are not used:
 the paper's crops are unaligned, and MTCNN boxes are already centred on the face.
+
+The crop side is the network's input (64: its trunk ends in a 4x4 map), so it is fixed, and so is the number
+of scales (three, one per context); the scales' values and the margin are settings, stored with the data
+and in the model file so every stage cuts as training did.
 
 Coordinates are pixel-edge coordinates: pixel (x, y) covers [x, x+1) x [y, y+1), as MTCNN's boxes are.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from c3ae_ray.config import check
 from c3ae_ray.images import to_rgb_uint8
+
+CROP_SIZE = 64  # the network's input side
+N_SCALES = 3  # the network's contexts
 
 
 @dataclass(frozen=True)
 class CropConfig:
-    scales: tuple[float, ...] = (1.0, 1.5, 2.0)
-    size: int = 64
+    scales: tuple[float, ...] = (1.0, 1.5, 2.0)  # context box sides as multiples of the face box's longer side
+    size: int = CROP_SIZE  # recorded in every file for its readers; any other value is refused
     margin: float = 0.1  # room on each side of the largest box, as a share of its side
+
+    def __post_init__(self):
+        check(self.size == CROP_SIZE, f"crop size is fixed at {CROP_SIZE} (the network's input), got {self.size}")
+        check(
+            len(self.scales) == N_SCALES and all(a < b for a, b in zip((0, *self.scales), self.scales)),
+            f"crop scales must be {N_SCALES} increasing positive numbers, got {list(self.scales)}",
+        )
+        check(0 <= self.margin <= 1, f"crop margin must be between 0 and 1, got {self.margin}")
 
     @property
     def region_size(self) -> int:
-        return round(self.size * max(self.scales) * (1 + 2 * self.margin))
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "scales": list(self.scales)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "CropConfig":
-        return cls(scales=tuple(values["scales"]), size=int(values["size"]), margin=float(values["margin"]))
+        return round(CROP_SIZE * max(self.scales) * (1 + 2 * self.margin))
 
 
 def _check_box(face_box) -> np.ndarray:
@@ -88,45 +95,3 @@ def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig()) -> t
     region = cv2.resize(patch, (size, size), interpolation=interpolation) if side != size else patch
     boxes = (context_boxes(face_box, cfg.scales) - [x1, y1, x1, y1]) * (size / side)
     return np.ascontiguousarray(region), boxes.astype(np.float32)
-
-
-def _reflect_coordinate(coord: np.ndarray, n: int) -> np.ndarray:
-    """Continuous pixel-centre coordinates mirrored at -0.5 and n - 0.5, then clipped (grid_sample's rule)."""
-    distance = np.abs(coord + 0.5)
-    flips = np.floor(distance / n)
-    extra = distance - flips * n
-    mirrored = np.where(flips % 2 == 0, extra - 0.5, n - extra - 0.5)
-    return np.clip(mirrored, 0, n - 1)
-
-
-def _interpolation_matrix(start: float, end: float, size: int, n: int) -> np.ndarray:
-    """(size, n) bilinear weights sampling [start, end) at `size` pixel centres of an axis of n pixels."""
-    centres = start + (np.arange(size) + 0.5) * (end - start) / size - 0.5
-    coord = _reflect_coordinate(centres, n)
-    low = np.floor(coord).astype(np.int64)
-    high = np.minimum(low + 1, n - 1)
-    frac = coord - low
-    weights = np.zeros((size, n))
-    np.add.at(weights, (np.arange(size), low), 1 - frac)
-    np.add.at(weights, (np.arange(size), high), frac)
-    return weights
-
-
-def sample_crops(region: np.ndarray, boxes: np.ndarray, size: int = CropConfig.size) -> np.ndarray:
-    """Each box of `region` -> a size x size crop, bilinear at pixel centres with reflect padding: (B, size, size, 3) uint8."""
-    region = to_rgb_uint8(region)
-    height, width = region.shape[:2]
-    pixels = region.astype(np.float64)
-    crops = np.empty((len(boxes), size, size, 3), dtype=np.uint8)
-    for i, (bx1, by1, bx2, by2) in enumerate(np.asarray(boxes, dtype=np.float64)):
-        along_y = _interpolation_matrix(by1, by2, size, height)
-        along_x = _interpolation_matrix(bx1, bx2, size, width)
-        values = np.einsum("ih,hwc,jw->ijc", along_y, pixels, along_x, optimize=True)
-        crops[i] = np.clip(np.floor(values + 0.5), 0, 255)
-    return crops
-
-
-def face_crops(image: np.ndarray, face_box, cfg: CropConfig = CropConfig()) -> np.ndarray:
-    """Image (H, W[, C]) and a face box -> the model's input: (len(scales), size, size, 3) uint8."""
-    region, boxes = cut_region(image, face_box, cfg)
-    return sample_crops(region, boxes, cfg.size)

@@ -31,6 +31,8 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
+from c3ae_ray.config import UserError
+
 DATASETS = ("wiki", "imdb", "utkface", "fgnet", "folder")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
 MAT_FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
@@ -64,12 +66,12 @@ def read_dataset(
     `csv` applies to the folder layout only.
     """
     if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {dataset!r}: expected one of {', '.join(DATASETS)}")
     root = os.path.abspath(os.path.expanduser(root))
     if not os.path.isdir(root):
-        raise ValueError(f"{dataset} root {root} is not a folder")
+        raise UserError(f"{dataset} root {root} is not a folder")
     if csv is not None and dataset != "folder":
-        raise ValueError(f"csv= applies to the folder layout only, not to {dataset}")
+        raise UserError(f"csv= applies to the folder layout only, not to {dataset}")
     skipped: Counter = Counter()
     labelled = True
     if dataset in ("wiki", "imdb"):
@@ -137,15 +139,15 @@ def _read_imdb_wiki_mat(dataset, mat: Path, min_face_score, drop_second_face, sk
     """The 1x1 struct `wiki`/`imdb` holds one 1xN array (or cell array) per field."""
     loaded = scipy.io.loadmat(str(mat), squeeze_me=False, variable_names=[dataset])
     if dataset not in loaded:
-        raise ValueError(f"{mat} has no struct variable {dataset!r}")
+        raise UserError(f"{mat} has no struct variable {dataset!r}")
     struct = loaded[dataset].reshape(-1)[0]
     names = (*MAT_FIELDS, "celeb_id") if dataset == "imdb" else MAT_FIELDS
     missing = [name for name in names if name not in (struct.dtype.names or ())]
     if missing:
-        raise ValueError(f"{mat}: struct {dataset!r} lacks the fields {', '.join(missing)}")
+        raise UserError(f"{mat}: struct {dataset!r} lacks the fields {', '.join(missing)}")
     fields = {name: struct[name].reshape(-1) for name in names}
     if len({len(values) for values in fields.values()}) != 1:
-        raise ValueError(f"{mat}: the fields of struct {dataset!r} differ in length")
+        raise UserError(f"{mat}: the fields of struct {dataset!r} differ in length")
     base = str(mat.parent)
     records = []
     for i in range(len(fields["dob"])):
@@ -179,7 +181,7 @@ def _read_by_name(root: Path, pattern: re.Pattern, to_record, skipped: Counter, 
             continue
         records.append(to_record(path, match))
     if not records:
-        raise ValueError(f"no {expected} under {root}")
+        raise UserError(f"no {expected} under {root}")
     return records
 
 
@@ -224,7 +226,7 @@ def _read_folder(root: Path, csv, skipped: Counter) -> tuple[list[dict], bool]:
     if csv is None:
         records = [_record(path, "folder", None, None, None) for path in _image_files(root)]
         if not records:
-            raise ValueError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
+            raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {root}")
         return records, False
     return _read_labels_csv(root, Path(csv), skipped), True
 
@@ -232,12 +234,12 @@ def _read_folder(root: Path, csv, skipped: Counter) -> tuple[list[dict], bool]:
 def _read_labels_csv(root: Path, csv: Path, skipped: Counter) -> list[dict]:
     """Rows `path,age[,subject]`, paths relative to root or absolute; an age that is no number is None."""
     if not csv.is_file():
-        raise ValueError(f"labels CSV {csv} does not exist")
+        raise UserError(f"labels CSV {csv} does not exist")
     with open(csv, newline="", encoding="utf-8-sig") as handle:
         reader = DictReader(handle)
         columns = [name.strip() for name in reader.fieldnames or ()]
         if "path" not in columns or "age" not in columns:
-            raise ValueError(f"labels CSV {csv} needs the columns path and age, has {columns}")
+            raise UserError(f"labels CSV {csv} needs the columns path and age, has {columns}")
         reader.fieldnames = columns
         records = []
         for row in reader:
@@ -248,7 +250,7 @@ def _read_labels_csv(root: Path, csv: Path, skipped: Counter) -> list[dict]:
             subject = (row.get("subject") or "").strip() or None
             records.append(_record(os.path.normpath(root / path), "folder", subject, _number(row["age"]), None))
     if not records:
-        raise ValueError(f"labels CSV {csv} lists no image")
+        raise UserError(f"labels CSV {csv} lists no image")
     return records
 
 

@@ -11,25 +11,28 @@ Two things make it fit for a pipeline:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import cv2
 import numpy as np
 
+from c3ae_ray.config import check, resolve_device
+
 
 @dataclass(frozen=True)
 class DetectorConfig:
+    """What counts as a face, the same in every stage."""
+
+    min_face_score: float = 0.9  # MTCNN's probability for a detection to count as a face
     min_face_size: int = 20  # facenet-pytorch's defaults
     thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
     factor: float = 0.709
     max_side: int = 1280  # longer side above this is shrunk for detection only
 
-    def to_dict(self) -> dict:
-        return {**asdict(self), "thresholds": list(self.thresholds)}
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "DetectorConfig":
-        return cls(**{**values, "thresholds": tuple(values.get("thresholds", cls.thresholds))})
+    def __post_init__(self):
+        check(0 <= self.min_face_score <= 1, f"min_face_score is a probability (0 to 1), got {self.min_face_score}")
+        check(self.min_face_size >= 1 and self.max_side >= 12, "detector: min_face_size and max_side must be positive")
+        check(0 < self.factor < 1, f"detector: factor must be between 0 and 1, got {self.factor}")
 
 
 @dataclass
@@ -46,19 +49,6 @@ class Faces:
     def above(self, min_score: float) -> "Faces":
         keep = self.scores >= min_score
         return Faces(self.boxes[keep], self.scores[keep], self.landmarks[keep])
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when this process sees a GPU, else 'cpu'; 'cuda' without one is an error."""
-    import torch  # here, not at the top: a Ray driver that only configures detectors never loads torch
-
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA GPU is visible here")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be auto, cpu or cuda, got {device!r}")
-    return device
 
 
 def detection_scale(height: int, width: int, max_side: int) -> tuple[int, int]:
@@ -108,7 +98,7 @@ class FaceDetector:
             return results
 
     def detect(self, images: list[np.ndarray]) -> list[Faces]:
-        """RGB uint8 images of any sizes -> one Faces per image, in the same order."""
+        """RGB uint8 images of any sizes -> one Faces per image, in the same order: those over min_face_score."""
         results: list[Faces | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)
         for index, image in enumerate(images):
@@ -123,7 +113,7 @@ class FaceDetector:
             for index, box, score, point in zip(indices, boxes, scores, points):
                 original_height, original_width = images[index].shape[:2]
                 scale = np.array([original_width / width, original_height / height], np.float32)
-                results[index] = _faces(box, score, point, scale)
+                results[index] = _faces(box, score, point, scale).above(self.cfg.min_face_score)
         return results
 
 

@@ -13,7 +13,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from c3ae_ray.config import UserError
+from c3ae_ray.crops import CROP_SIZE, N_SCALES
 from c3ae_ray.model import load_model
+
+INPUT_SHAPE = (N_SCALES, 3, CROP_SIZE, CROP_SIZE)  # per face: scales, channels, height, width
 
 FORMATS = ("onnx", "torchscript")
 PARITY_YEARS = 1e-4  # the largest age difference from PyTorch an export may have
@@ -25,7 +29,7 @@ class AgeAndDistribution(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         if not model.cfg.cascade:
-            raise ValueError("only a model with the two-point cascade has a distribution to export")
+            raise UserError("only a model with the two-point cascade has a distribution to export")
         self.model = model.eval()
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,10 +39,10 @@ class AgeAndDistribution(torch.nn.Module):
 def export_model(model_source, fmt: str, out: str) -> dict:
     """Write the export to `out` (a local path) and check it; -> a summary with the largest differences."""
     if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+        raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, payload = load_model(model_source)
     wrapper = AgeAndDistribution(model).eval()
-    example = torch.randint(0, 256, (2, 3, 3, 64, 64), dtype=torch.uint8)
+    example = torch.randint(0, 256, (2, *INPUT_SHAPE), dtype=torch.uint8)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
         if fmt == "torchscript":
@@ -57,7 +61,7 @@ def export_model(model_source, fmt: str, out: str) -> dict:
 def _export_onnx(wrapper: torch.nn.Module, example: torch.Tensor, out: str) -> None:
     # torch's exporter needs onnxscript; the parity check runs the export in onnxruntime.
     if any(importlib.util.find_spec(name) is None for name in ("onnxscript", "onnxruntime")):
-        raise ValueError("ONNX export needs the export extra: pip install 'c3ae-ray[export]'")
+        raise UserError("ONNX export needs the export extra: pip install 'c3ae-ray[export]'")
     torch.onnx.export(
         wrapper, (example,), out, input_names=["crops"], output_names=["age", "distribution"],
         dynamic_shapes={"crops": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False, verbose=False,
@@ -80,7 +84,7 @@ def run_export(fmt: str, path: str, crops: np.ndarray) -> tuple[np.ndarray, np.n
 
 def parity(wrapper: torch.nn.Module, fmt: str, path: str, n: int = 17, seed: int = 0) -> tuple[float, float]:
     """Largest |difference| in age (years) and in distribution between the export and PyTorch on n random crops."""
-    crops = np.random.default_rng(seed).integers(0, 256, (n, 3, 3, 64, 64), dtype=np.uint8)
+    crops = np.random.default_rng(seed).integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8)
     age, distribution = run_export(fmt, path, crops)
     with torch.inference_mode():
         expected_age, expected_distribution = wrapper(torch.from_numpy(crops))

@@ -8,6 +8,8 @@ import warnings
 import cv2
 import numpy as np
 
+from c3ae_ray.config import UserError
+
 
 def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
     """Gray (H, W) or (H, W, 1) -> replicated; RGBA -> alpha dropped; 16-bit -> top 8 bits; floats in [0, 1] -> x255.
@@ -35,7 +37,7 @@ def to_rgb_uint8(image: np.ndarray) -> np.ndarray:
 DEFAULT_MAX_PIXELS = 64_000_000  # 8000 x 8000: larger inputs are refused before they are decoded
 
 
-class ImageError(ValueError):
+class ImageError(UserError):
     """An input that is not a usable image; `reason` is a short code for counts and error rows."""
 
     def __init__(self, reason: str, message: str):

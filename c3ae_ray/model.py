@@ -15,23 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from c3ae_ray.config import UserError, build, check
+from c3ae_ray.crops import CROP_SIZE, N_SCALES, CropConfig
+
 MODEL_FORMAT = "c3ae_ray.model/1"
 # The model that ships in the package (see MODEL_CARD.md beside it): the default of predict, score and serve.
 BUNDLED_MODEL = Path(__file__).with_name("pretrained") / "c3ae_utkface.pt"
-
-
-def check_keys(config_class, values: dict, what: str) -> None:
-    """A config read from a file or a saved run names only fields of its dataclass: a typo is an error."""
-    unknown = set(values) - {f.name for f in fields(config_class)}
-    if unknown:
-        raise ValueError(f"unknown {what} config keys: {sorted(unknown)}")
 
 
 @dataclass(frozen=True)
@@ -55,6 +51,11 @@ class ModelConfig:
     pixel_mean: float = 127.5
     pixel_std: float = 127.5
 
+    def __post_init__(self):
+        check(self.n_bins >= 2 and self.interval > 0, f"model: n_bins must be at least 2 and interval positive, got {self.n_bins}, {self.interval}")
+        check(0 <= self.dropout_feat < 1 and 0 <= self.dropout_head < 1, "model: dropout rates must be in [0, 1)")
+        check(self.pixel_std > 0, f"model: pixel_std must be positive, got {self.pixel_std}")
+
     @property
     def bins(self) -> torch.Tensor:
         return torch.arange(self.n_bins, dtype=torch.float32) * self.interval
@@ -62,11 +63,6 @@ class ModelConfig:
     @property
     def max_age(self) -> float:
         return (self.n_bins - 1) * self.interval
-
-    @classmethod
-    def from_dict(cls, values: dict) -> "ModelConfig":
-        check_keys(cls, values, "model")
-        return cls(**values)
 
 
 # The variants of the paper's Table 1 and ablation study (Fig. 5). "plain" is Table 1's network without SE;
@@ -121,7 +117,7 @@ class C3AE(nn.Module):
         self.cfg = cfg or ModelConfig(**switches)
         cfg = self.cfg
         self.trunk = Trunk(cfg)
-        n_scales = 3 if cfg.context else 1
+        n_scales = N_SCALES if cfg.context else 1
         self.dropout = nn.Dropout(cfg.dropout_head)
         self.w1 = nn.Linear(n_scales * cfg.feat_dim, cfg.n_bins)
         self.w2 = nn.Linear(cfg.n_bins, 1)
@@ -135,8 +131,9 @@ class C3AE(nn.Module):
                 self.w2.bias.fill_(cfg.max_age / 2)
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if crops.ndim != 5 or crops.shape[1:] != (3, 3, 64, 64):
-            raise ValueError(f"expected crops of shape (N, 3, 3, 64, 64), got {tuple(crops.shape)}")
+        expected = (N_SCALES, 3, CROP_SIZE, CROP_SIZE)
+        if crops.ndim != 5 or crops.shape[1:] != expected:
+            raise ValueError(f"expected crops of shape (N, {', '.join(map(str, expected))}), got {tuple(crops.shape)}")
         if self.training or not self.cfg.mirror_average:
             return self._predict(crops)
         n = crops.shape[0]
@@ -156,11 +153,6 @@ class C3AE(nn.Module):
             distribution = torch.softmax(hidden, dim=1)
             return self.w2(distribution).squeeze(1), distribution
         return self.w2(F.relu(hidden)).squeeze(1), None
-
-
-def crops_to_tensor(crops) -> torch.Tensor:
-    """(N, 3, 64, 64, 3) uint8 crops as `c3ae_ray.crops` cuts them -> (N, 3, 3, 64, 64) for the model."""
-    return torch.as_tensor(crops).permute(0, 1, 4, 2, 3)
 
 
 def two_point(age, interval: float = 10.0, n_bins: int = 12) -> torch.Tensor:
@@ -187,9 +179,8 @@ def c3ae_loss(
     distribution: torch.Tensor | None,
     age_true: torch.Tensor,
     alpha: float = 10.0,
-    w1_l1: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    """alpha * KL(two_point(age) || predicted bins) + L1(age) + w1_l1 * |W1|_1, with the parts for logging."""
+    """alpha * KL(two_point(age) || predicted bins) + L1(age), with the parts for logging."""
     cfg = model.cfg
     l1 = (age_pred - age_true).abs().mean()
     if distribution is not None:
@@ -197,9 +188,7 @@ def c3ae_loss(
         kl = F.kl_div(distribution.clamp_min(1e-8).log(), target, reduction="batchmean")
     else:
         kl = torch.zeros((), device=age_pred.device)
-    w1_norm = model.w1.weight.abs().sum()
-    total = alpha * kl + l1 + w1_l1 * w1_norm
-    return {"total": total, "kl": kl.detach(), "l1": l1.detach(), "w1_l1": (w1_l1 * w1_norm).detach()}
+    return {"total": alpha * kl + l1, "kl": kl.detach(), "l1": l1.detach()}
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -246,20 +235,18 @@ def load_model(source, name: str | None = None) -> tuple[C3AE, dict]:
     try:
         payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a file that is not a torch archive
-        raise ValueError(f"{name}: not a C3AE model file ({type(exc).__name__}: {exc})") from None
+        raise UserError(f"{name}: not a C3AE model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
-        raise ValueError(f"{name}: not a C3AE model file (expected format {MODEL_FORMAT!r})")
-    model = C3AE(ModelConfig.from_dict(payload["model_config"]))
+        raise UserError(f"{name}: not a C3AE model file (expected format {MODEL_FORMAT!r})")
+    model = C3AE(build(ModelConfig, payload["model_config"], f"{name}: model"))
     model.load_state_dict(payload["state_dict"])
     payload["sha256"] = hashlib.sha256(data).hexdigest()
     return model.eval(), payload
 
 
-def model_crop(payload: dict):
+def model_crop(payload: dict) -> CropConfig:
     """The crop geometry a model file was trained with (the default geometry for a file that records none)."""
-    from c3ae_ray.crops import CropConfig
-
-    return CropConfig.from_dict(payload["crop_config"]) if payload.get("crop_config") else CropConfig()
+    return build(CropConfig, payload.get("crop_config") or {}, "model file crop")
 
 
 def model_identity(payload: dict, location) -> tuple[str, str]:

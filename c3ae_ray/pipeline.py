@@ -22,8 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from c3ae_ray import storage
-from c3ae_ray.crops import CropConfig
-from c3ae_ray.detect import DetectorConfig
+from c3ae_ray.config import UserError, build
 
 SECTIONS = ("pretrain", "finetune", "evaluate")
 TOP_KEYS = {"out", "model", *SECTIONS}
@@ -51,20 +50,13 @@ class Step:
 
 def _preprocess_config(values: dict, out: str):
     from c3ae_ray.datasets import DATASETS
-    from c3ae_ray.model import check_keys
     from c3ae_ray.preprocess import PreprocessConfig
 
-    check_keys(PreprocessConfig, values, "preprocess")
-    if values.get("dataset") not in DATASETS or not values.get("root"):
-        raise ValueError(f"a data section needs dataset (one of {', '.join(DATASETS)}) and root, got {values}")
+    if not isinstance(values, dict) or values.get("dataset") not in DATASETS or not values.get("root"):
+        raise UserError(f"a data section needs dataset (one of {', '.join(DATASETS)}) and root, got {values}")
     if {"out", "overwrite"} & set(values):
-        raise ValueError("the pipeline chooses each stage's out (under its own out) and never overwrites")
-    extra = {}
-    if "crop" in values:
-        extra["crop"] = CropConfig.from_dict(values["crop"])
-    if "detector" in values:
-        extra["detector"] = DetectorConfig.from_dict(values["detector"])
-    return PreprocessConfig(**{**values, **extra, "out": out})
+        raise UserError("the pipeline chooses each stage's out (under its own out) and never overwrites")
+    return build(PreprocessConfig, {**values, "out": out}, "preprocess")
 
 
 def _section(config: dict, name: str) -> dict | None:
@@ -74,7 +66,7 @@ def _section(config: dict, name: str) -> dict | None:
     work = "evaluate" if name == "evaluate" else "train"
     allowed = {"data", work} | ({"init_from"} if name == "evaluate" else set())
     if not isinstance(section, dict) or not isinstance(section.get("data"), dict) or set(section) - allowed:
-        raise ValueError(f"{name}: expected a mapping with data: (preprocess settings) and {work}: (its settings)")
+        raise UserError(f"{name}: expected a mapping with data: (preprocess settings) and {work}: (its settings)")
     return section
 
 
@@ -87,11 +79,11 @@ def plan(config: dict) -> Plan:
 
     unknown = set(config) - TOP_KEYS
     if unknown or not config.get("out"):
-        raise ValueError(f"a pipeline config needs out: and may have {', '.join(sorted(TOP_KEYS - {'out'}))}; unknown: {sorted(unknown)}")
+        raise UserError(f"a pipeline config needs out: and may have {', '.join(sorted(TOP_KEYS - {'out'}))}; unknown: {sorted(unknown)}")
     root = _absolute(str(config["out"]))
     sections = {name: _section(config, name) for name in SECTIONS}
     if not sections["pretrain"] and not sections["finetune"]:
-        raise ValueError("a pipeline needs pretrain: or finetune: (something must train the model)")
+        raise UserError("a pipeline needs pretrain: or finetune: (something must train the model)")
 
     steps: list[Step] = []
     data_of: dict[str, tuple[dict, str]] = {}  # dataset -> (its preprocess settings, its output)
@@ -101,7 +93,7 @@ def plan(config: dict) -> Plan:
         dataset = values.get("dataset")
         if dataset in data_of:
             if data_of[dataset][0] != values:
-                raise ValueError(f"{name}: {dataset} is preprocessed twice with different settings; use one data: mapping")
+                raise UserError(f"{name}: {dataset} is preprocessed twice with different settings; use one data: mapping")
             return data_of[dataset][1]
         out = f"{root}/data/{dataset}"
         cfg = _preprocess_config(values, out)
@@ -114,8 +106,8 @@ def plan(config: dict) -> Plan:
         out = f"{root}/runs/{name}"
         values = dict(sections[name].get("train") or {})
         if {"data", "out", "init_from", "overwrite"} & set(values):
-            raise ValueError(f"{name}: train: may not set data, out, init_from or overwrite (the pipeline does)")
-        cfg = train.TrainConfig.from_dict({**values, "data": data, "out": out, "init_from": init_from})
+            raise UserError(f"{name}: train: may not set data, out, init_from or overwrite (the pipeline does)")
+        cfg = build(train.TrainConfig, {**values, "data": data, "out": out, "init_from": init_from}, f"{name}: train")
         steps.append(Step(name, out, lambda: train.train(cfg), _train_line))
         return f"{out}/model.pt"
 
@@ -130,16 +122,16 @@ def plan(config: dict) -> Plan:
         section = sections["evaluate"]
         init = section.get("init_from", "pretrain" if "pretrain" in models else "none")
         if init not in models:
-            raise ValueError(f"evaluate: init_from must be one of {', '.join(m for m in EVAL_INIT if m in models)}, got {init!r}")
+            raise UserError(f"evaluate: init_from must be one of {', '.join(m for m in EVAL_INIT if m in models)}, got {init!r}")
         if init == "finetune" and sections["finetune"]["data"].get("dataset") == section["data"].get("dataset"):
-            raise ValueError("evaluate: init_from finetune would test on people the fine-tuned model has trained on")
+            raise UserError("evaluate: init_from finetune would test on people the fine-tuned model has trained on")
         data = data_step("evaluate")
         values = dict(section.get("evaluate") or {})
         if {"data", "out", "init_from", "overwrite"} & set(values) or values.get("protocol", "splits") not in ("splits", "lopo"):
-            raise ValueError("evaluate: evaluate: takes protocol (splits or lopo) and trial settings, not data, out or init_from")
+            raise UserError("evaluate: evaluate: takes protocol (splits or lopo) and trial settings, not data, out or init_from")
         protocol = values.get("protocol", "splits")
-        cfg = evaluate.EvalConfig(**{**values, "protocol": protocol, "data": data, "out": f"{root}/eval/{protocol}", "init_from": models[init]})
-        cfg.validate()
+        cfg = build(evaluate.EvalConfig, {**values, "protocol": protocol, "data": data, "out": f"{root}/eval/{protocol}",
+                                          "init_from": models[init]}, "evaluate")
         steps.append(Step(f"evaluate {protocol}", cfg.out, lambda: evaluate.evaluate(cfg), _eval_line))
     return Plan(steps, model_from, _absolute(str(config.get("model") or f"{root}/model.pt")))
 
@@ -208,15 +200,3 @@ def format_summary(summary: dict) -> str:
     lines.append(f"model: {summary['model']} ({summary['model_bytes']} bytes, from {summary['model_from']})")
     return "\n".join(lines)
 
-
-def load_config(path: str) -> dict:
-    """A pipeline YAML (path or s3://) -> its mapping."""
-    import yaml
-
-    try:
-        loaded = yaml.safe_load(storage.read_bytes(path))
-    except yaml.YAMLError as error:
-        raise ValueError(f"{path} is not valid YAML: {error}") from None
-    if not isinstance(loaded, dict):
-        raise ValueError(f"{path}: expected a mapping with out:, pretrain:, finetune:, evaluate:")
-    return loaded

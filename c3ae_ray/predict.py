@@ -1,58 +1,64 @@
 """`c3ae predict`: the ages of the faces in a few local photos, in this process, with no Ray and no dataset.
 
-It runs the scoring actor's own `AgeEstimator` (MTCNN, the one crop geometry, C3AE), one image at a time so
-that any mix of image sizes works. Every file gets a result: its faces, "no face", or the reason it could
+It runs the inference path's `Estimator` (MTCNN, the one crop geometry, C3AE), as the scoring actor does,
+one image at a time so that any mix of image sizes works. Every file gets a result: its faces, "no face", or the reason it could
 not be read; `--draw` writes a copy of each readable photo with the boxes and ages on it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from c3ae_ray.detect import DetectorConfig
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, read_image
+from c3ae_ray.inference import Estimator, ImageFaces, ImageFailure
 from c3ae_ray.model import BUNDLED_MODEL
-from c3ae_ray.score import AgeEstimator, ImageAges
 
 
-def predict_files(
-    paths: list[str],
-    model=BUNDLED_MODEL,
-    device: str = "auto",
-    min_face_score: float = 0.9,
-    draw_dir: str | None = None,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-) -> list[dict]:
-    """One result per path, in order: {path, faces: [{box, score, age}], n_faces, error, drawn}."""
-    estimator = AgeEstimator(model, device, min_face_score)
-    if draw_dir:
-        Path(draw_dir).mkdir(parents=True, exist_ok=True)
+@dataclass(frozen=True)
+class PredictConfig:
+    images: tuple[str, ...]  # local image files
+    model: str = str(BUNDLED_MODEL)  # a model.pt from `c3ae train` (path or s3://)
+    device: str = "auto"
+    draw: str | None = None  # write a copy of each photo with boxes and ages into this folder
+    json: bool = False  # print the results as JSON
+    max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are refused before decoding
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+
+def predict_files(cfg: PredictConfig) -> list[dict]:
+    """One result per image, in order: {path, faces: [{box, score, age}], n_faces, error, drawn}."""
+    estimator = Estimator(cfg.model, cfg.device, cfg.detector)
+    if cfg.draw:
+        Path(cfg.draw).mkdir(parents=True, exist_ok=True)
     results, drawn_names = [], set()
-    for path in paths:
+    for path in cfg.images:
         result = {"path": str(path), "faces": [], "n_faces": 0, "error": None}
         results.append(result)
         try:
-            image = read_image(path, max_pixels)
+            image = read_image(path, cfg.max_pixels)
         except ImageError as error:
             result["error"] = f"{error.reason}: {error}"
             continue
-        [ages] = estimator.estimate([image])
-        if isinstance(ages, Exception):
-            result["error"] = f"failed: {ages}"
+        [answer] = estimator.estimate([image])
+        if isinstance(answer, ImageFailure):
+            result["error"] = answer.reason
             continue
         result["faces"] = [
             {"box": [round(float(v), 1) for v in face.box], "score": round(face.score, 4), "age": round(face.age, 1)}
-            for face in ages.faces
+            for face in answer.faces
         ]
-        result["n_faces"] = ages.n_faces
-        if draw_dir:
-            result["drawn"] = str(_draw(image, ages, Path(draw_dir), Path(path).stem, drawn_names))
+        result["n_faces"] = answer.n_faces
+        if cfg.draw:
+            result["drawn"] = str(_draw(image, answer, Path(cfg.draw), Path(path).stem, drawn_names))
     return results
 
 
-def _draw(image: np.ndarray, ages: ImageAges, folder: Path, stem: str, taken: set[str]) -> Path:
+def _draw(image: np.ndarray, ages: ImageFaces, folder: Path, stem: str, taken: set[str]) -> Path:
     """A JPEG copy of the photo with each face boxed and its age above the box; names never collide in a run."""
     name, n = f"{stem}.jpg", 1
     while name in taken:

@@ -60,12 +60,11 @@ def pool_shape(cluster: dict, device: str, actors: int | None) -> tuple[str, int
     """(device, actors, CPUs per actor, GPUs per actor) for a detector pool over `cluster_shape()`: 'auto' takes
     the cluster's GPUs when it has any; CPU actors never claim every CPU, since Ray Data's other tasks need one
     (on several nodes the default is one actor per CPU but one)."""
+    from c3ae_ray.config import resolve_device
+
     cpus, gpus = cluster.get("CPU", 1.0), cluster.get("GPU", 0.0)
-    if device == "auto":
-        device = "cuda" if gpus > 0 else "cpu"
+    device = resolve_device(device, gpus)
     if device == "cuda":
-        if gpus <= 0:
-            raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
         actors = actors or int(gpus)
         return device, actors, cpus_per_worker(cluster, actors), min(1.0, gpus / actors)
     if not actors:

@@ -3,12 +3,13 @@
     c3ae serve [--model model.pt] [--host 127.0.0.1] [--port 8000]    (or: serve run serve/c3ae_cpu.yaml)
 
 Three deployments, built by `build_app` (also the import path of the Serve config files in `serve/`):
-- `AgeAPI`, the FastAPI ingress: reads and checks the request (API key, body cap, type, pixel cap from the
+- `AgeAPI`, the FastAPI ingress (`c3ae_ray.api` holds its app, settings and request parsing): reads and checks the request (API key, body cap, type, pixel cap from the
   header alone), bounds the requests it holds at once (over the bound: 503), calls the two below under a
   deadline (504), and answers JSON; every error is `{"error": {"code", "message"}}`, never a traceback.
-- `FaceFinder`: decodes and runs MTCNN on a batch of requests' images, and cuts each face's region with
-  `c3ae_ray.crops` (the geometry training used). It sends back the small regions, not the photo.
-- `AgePredictor`: C3AE on the regions of a batch of requests in one forward pass.
+- `FaceFinder`: the detector half of the inference path (`inference.FaceFinder`) on a batch of requests'
+  images: decoding, MTCNN and each face's region (the geometry training used). It sends back the small
+  regions, not the photo.
+- `AgePredictor`: the model half (`inference.AgeModel`) on the regions of a batch of requests in one pass.
 The two workers batch with `@serve.batch` on a helper method; their `max_ongoing_requests` is twice the
 batch size, since Serve's default of 5 would cap every batch at 5. Both count their batch sizes
 (`GET /v1/stats`), which is how the tests see that concurrent requests share batches.
@@ -18,124 +19,72 @@ The ingress's limits are its `user_config` (`Limits`): a running app takes new o
 
 
 import asyncio
-import base64
-import binascii
-import functools
 import hashlib
 import hmac
-import json
 import logging
 import os
 import time
 import uuid
 from collections import Counter
-from dataclasses import asdict, dataclass, field
-from importlib import resources
 
 import cv2
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import HTMLResponse, JSONResponse
 from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from c3ae_ray import storage
+from c3ae_ray.api import (
+    API_KEY_ENV, ApiError, Limits, ServeConfig, api, error_response, face_json, failure_status, image_from_request,
+    parse_max_faces, read_body, web_page,
+)
+from c3ae_ray.config import UserError, build, resolve_device, to_dict
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig
-from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image, image_size
-from c3ae_ray.model import BUNDLED_MODEL, load_model, model_crop, model_identity
-from c3ae_ray.score import AgeModel, CutFaces, FaceCutter, ages_of, release_free_memory
+from c3ae_ray.images import ImageError, image_size
+from c3ae_ray.inference import AgeModel, FaceRegions, ImageFaces, ImageFailure, Outputs, attach, decode_all, release_free_memory
+from c3ae_ray.inference import FaceFinder as Finder
 
 logger = logging.getLogger("ray.serve")
 
-API_KEY_ENV = "C3AE_API_KEY"  # when set where the app is built, /v1/* needs `Authorization: Bearer KEY` or `X-API-Key`
-MODEL_ENV = "C3AE_MODEL"  # the model when the Serve config's args give none
-IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
 APP_NAME = "c3ae"
 SELF_TEST_TIMEOUT_S = 60.0  # the first health check's inference; replicas may still be loading
-
-
-def default_model() -> str:
-    """The model when none is given: $C3AE_MODEL when set, else the one bundled with the package."""
-    return os.environ.get(MODEL_ENV) or str(BUNDLED_MODEL)
-
-
-@dataclass(frozen=True)
-class Limits:
-    """What one ingress replica accepts; its `user_config`, so `serve deploy` can change it in place."""
-
-    max_body_bytes: int = 10_000_000  # 10 MB; a larger body is a 413 before it is read
-    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height from the image header; over it: 413, never decoded
-    max_in_flight: int = 64  # requests one ingress replica holds at once; the next one gets 503 at once
-    timeout_s: float = 30.0  # a request still unanswered after this gets 504
-    max_faces: int = 100  # the most faces one answer carries (a request's max_faces may only lower it)
-
-
-@dataclass(frozen=True)
-class ServeConfig:
-    model: str
-    device: str = "auto"
-    host: str = "127.0.0.1"
-    port: int = 8000
-    min_face_score: float = 0.9  # as in preprocessing and scoring
-    max_batch_size: int = 16  # requests per detector or model batch
-    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
-    limits: Limits = field(default_factory=Limits)
-    detector: DetectorConfig = field(default_factory=DetectorConfig)
-
-    @classmethod
-    def from_args(cls, args: dict) -> "ServeConfig":
-        """The `args` of a Serve config file (or the CLI's flags): unknown keys are an error, model defaults
-        to $C3AE_MODEL, else the bundled model."""
-        args = dict(args or {})
-        unknown = set(args) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ValueError(f"unknown serve args: {sorted(unknown)}; known: {sorted(cls.__dataclass_fields__)}")
-        args["model"] = args.get("model") or default_model()
-        if isinstance(args.get("limits"), dict):
-            args["limits"] = Limits(**args["limits"])
-        if isinstance(args.get("detector"), dict):
-            args["detector"] = DetectorConfig.from_dict(args["detector"])
-        return cls(**args)
-
-
-class ApiError(Exception):
-    """An answer other than 200: its HTTP status, a stable code and a message for people."""
-
-    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
-
-
-def image_error_status(error: ImageError) -> int:
-    """413 for an image over the pixel cap, 400 for anything else that is not a usable image."""
-    return 413 if error.reason == "too_large" else 400
-
-
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
 # ---- the two batching workers ----
 
 
-@serve.deployment  # its options (CPUs, GPU share, max_ongoing_requests) come from build_app
-class FaceFinder:
-    """Photos (encoded bytes) -> faces over the score threshold with their cut regions, a batch at a time."""
+class _BatchingWorker:
+    """What both workers share: one torch thread per CPU replica (the batch, not threads, is the parallelism),
+    their batch size and wait from the app's config, and a count of the batch sizes they ran (`/v1/stats`)."""
 
-    def __init__(self, crop: dict, device: str, min_face_score: float, detector: dict, max_batch_size: int, batch_wait_timeout_s: float):
+    def _batching(self, device: str, batch_method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         import torch
 
-        self.cutter = FaceCutter(CropConfig.from_dict(crop), device, min_face_score, DetectorConfig.from_dict(detector))
-        if self.cutter.device == "cpu":
-            torch.set_num_threads(1)  # one replica per CPU; the batch, not threads, is the parallelism
-        self.find_batch.set_max_batch_size(max_batch_size)
-        self.find_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
+        if device == "cpu":
+            torch.set_num_threads(1)
+        batch_method.set_max_batch_size(max_batch_size)
+        batch_method.set_batch_wait_timeout_s(batch_wait_timeout_s)
         self.batch_sizes: Counter = Counter()
 
-    async def find(self, data: bytes, max_pixels: int, max_faces: int):
-        """-> CutFaces with the image's (width, height), or (status, code, message) for an unusable image."""
+    def _count(self, size: int) -> None:
+        self.batch_sizes[size] += 1
+        if sum(self.batch_sizes.values()) % 64 == 0:
+            release_free_memory()
+
+    def stats(self) -> dict:
+        return {"batches": dict(sorted(self.batch_sizes.items()))}
+
+
+@serve.deployment  # its options (CPUs, GPU share, max_ongoing_requests) come from build_app
+class FaceFinder(_BatchingWorker):
+    """Photos (encoded bytes) -> `FaceRegions` (faces and their cut regions) or `ImageFailure`, a batch at a time."""
+
+    def __init__(self, crop: CropConfig, device: str, detector: DetectorConfig, max_batch_size: int, batch_wait_timeout_s: float):
+        self.finder = Finder(crop, device, detector)
+        self._batching(self.finder.device, self.find_batch, max_batch_size, batch_wait_timeout_s)
+
+    async def find(self, data: bytes, max_pixels: int, max_faces: int) -> FaceRegions | ImageFailure:
         return await self.find_batch(data, max_pixels, max_faces)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
@@ -143,188 +92,45 @@ class FaceFinder:
         """Runs on the replica's event loop, on purpose: while a batch computes, new requests queue up and
         form the next batch. In a worker thread it would fight the event loop for the GIL, requests would
         trickle in one by one, and batches stayed at 1-3 under 32 concurrent clients (16 when blocking)."""
-        self.batch_sizes[len(datas)] += 1
-        if sum(self.batch_sizes.values()) % 64 == 0:
-            release_free_memory()  # see score.release_free_memory: MTCNN fragments the heap
-        return self._find(datas, max_pixels, max_faces)
-
-    def _find(self, datas, max_pixels, max_faces) -> list:
-        results: list = [None] * len(datas)
-        images, slots = [], []
-        for i, (data, cap) in enumerate(zip(datas, max_pixels)):
-            try:
-                images.append(decode_image(data, cap))
-                slots.append(i)
-            except ImageError as error:
-                results[i] = (image_error_status(error), error.reason, str(error))
-        cut = self.cutter.cut(images, [max_faces[i] for i in slots])
-        for i, image, item in zip(slots, images, cut):
-            if isinstance(item, Exception):
-                logger.exception("face detection failed", exc_info=item)
-                results[i] = (500, "inference_error", f"face detection failed: {type(item).__name__}")
-            else:
-                results[i] = (item, (image.shape[1], image.shape[0]))
-        return results
-
-    def stats(self) -> dict:
-        return {"batches": dict(sorted(self.batch_sizes.items()))}
+        self._count(len(datas))
+        images = [decode_all([data], cap)[0] for data, cap in zip(datas, max_pixels)]
+        found = self.finder.find(images, list(max_faces))
+        for answer in found:
+            if isinstance(answer, ImageFailure) and answer.code == "inference_error":
+                logger.error("face detection failed: %s", answer.message)
+        return found
 
 
 @serve.deployment
-class AgePredictor:
-    """The cut regions of a batch of requests -> C3AE's ages and bin distributions, in one forward pass."""
+class AgePredictor(_BatchingWorker):
+    """The cut regions of a batch of requests -> the model's `Outputs` for each, in one forward pass."""
 
     def __init__(self, model: bytes, device: str, max_batch_size: int, batch_wait_timeout_s: float):
-        import torch
-
         self.age_model = AgeModel(model, device)
-        if self.age_model.device == "cpu":
-            torch.set_num_threads(1)
-        self.predict_batch.set_max_batch_size(max_batch_size)
-        self.predict_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
-        self.batch_sizes: Counter = Counter()
+        self._batching(self.age_model.device, self.predict_batch, max_batch_size, batch_wait_timeout_s)
 
-    async def predict(self, regions: np.ndarray, boxes: np.ndarray):
+    async def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
         return await self.predict_batch(regions, boxes)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def predict_batch(self, regions: list[np.ndarray], boxes: list[np.ndarray]) -> list:
-        self.batch_sizes[len(regions)] += 1
-        ages, distributions = self.age_model.predict(np.concatenate(regions), np.concatenate(boxes))
-        results, start = [], 0
-        for part in regions:
-            end = start + len(part)
-            results.append((ages[start:end], None if distributions is None else distributions[start:end]))
-            start = end
-        return results
-
-    def stats(self) -> dict:
-        return {"batches": dict(sorted(self.batch_sizes.items()))}
+    async def predict_batch(self, regions: list[np.ndarray], boxes: list[np.ndarray]) -> list[Outputs]:
+        self._count(len(regions))
+        outputs = self.age_model.predict(np.concatenate(regions), np.concatenate(boxes))
+        ends = np.cumsum([len(part) for part in regions])
+        return [outputs.part(end - len(part), end) for part, end in zip(regions, ends)]
 
 
 # ---- the ingress ----
 
-api = FastAPI(
-    title="c3ae_ray age estimation",
-    description="The age of every face in a photo (C3AE, Zhang et al., CVPR 2019) on Ray Serve.",
-    version="1",
-)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(request: Request, error: ApiError):
-    return error_response(error.status, error.code, error.message, error.headers)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(request: Request, error: StarletteHTTPException):
-    codes = {404: "not_found", 405: "method_not_allowed"}
-    return error_response(error.status_code, codes.get(error.status_code, "http_error"), str(error.detail))
-
-
-@api.exception_handler(RequestValidationError)
-async def _validation_error(request: Request, error: RequestValidationError):
-    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
-    return error_response(400, "bad_request", problems)
-
-
-@api.exception_handler(Exception)
-async def _unexpected(request: Request, error: Exception):
-    logger.exception("unexpected error")  # the traceback goes to the replica's log, never to the client
-    return error_response(500, "internal", "internal error; see the server log")
-
-
-@functools.cache
-def web_page() -> str:
-    return resources.files("c3ae_ray").joinpath("web/index.html").read_text()
-
-
-async def read_body(request: Request, cap: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to pass `cap` bytes (by its Content-Length, or
-    while it streams in)."""
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > cap:
-        raise ApiError(413, "body_too_large", f"the body is {int(declared):,} bytes; the cap is {cap:,}")
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > cap:
-            raise ApiError(413, "body_too_large", f"the body is over the cap of {cap:,} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def parse_max_faces(value, limit: int) -> int:
-    if value is None or value == "":
-        return limit
-    try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise ApiError(400, "bad_request", f"max_faces must be a whole number, got {value!r}") from None
-    if number < 1 or isinstance(value, float) and value != number:
-        raise ApiError(400, "bad_request", f"max_faces must be a whole number of at least 1, got {value!r}")
-    return min(number, limit)
-
-
-async def image_from_request(request: Request, body: bytes) -> tuple[bytes, object]:
-    """(encoded image, max_faces as given or None) from a raw image body, a multipart `file` field or JSON
-    `{"image": base64}`; anything else is 400 or 415."""
-    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type in IMAGE_TYPES:
-        return body, request.query_params.get("max_faces")
-    if media_type == "application/json":
-        try:
-            document = json.loads(body)
-        except (ValueError, UnicodeDecodeError) as error:
-            raise ApiError(400, "bad_json", f"the body is not valid JSON: {error}") from None
-        if not isinstance(document, dict) or not isinstance(document.get("image"), str):
-            raise ApiError(400, "bad_json", 'expected a JSON object {"image": "<base64>"}')
-        try:
-            data = base64.b64decode(document["image"].split(",", 1)[-1] if document["image"].startswith("data:") else document["image"], validate=True)
-        except (binascii.Error, ValueError):
-            raise ApiError(400, "bad_base64", "the image field is not valid base64") from None
-        return data, document.get("max_faces", request.query_params.get("max_faces"))
-    if media_type == "multipart/form-data":
-        async def replay():
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        try:
-            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
-        except Exception as error:
-            raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {error}") from None
-        upload = form.get("file")
-        if upload is None or isinstance(upload, str):
-            raise ApiError(400, "bad_multipart", "expected the image in a multipart file field named 'file'")
-        part_type = (upload.content_type or "").split(";")[0].strip().lower()
-        if part_type and part_type not in IMAGE_TYPES and part_type != "application/octet-stream":
-            raise ApiError(415, "unsupported_media_type", f"{part_type} is not supported; send {', '.join(IMAGE_TYPES)}")
-        return await upload.read(), form.get("max_faces", request.query_params.get("max_faces"))
-    raise ApiError(
-        415, "unsupported_media_type",
-        f"Content-Type {media_type or '(none)'} is not supported; send {', '.join(IMAGE_TYPES)}, "
-        "multipart/form-data (field 'file') or application/json ({\"image\": base64})",
-    )
-
-
-def face_json(face, bins: list[float]) -> dict:
-    answer = {
-        "box": [round(float(v), 1) for v in face.box],
-        "score": round(face.score, 4),
-        "age": round(face.age, 1),
-        "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
-    }
-    if face.distribution is not None:
-        answer["age_distribution"] = {f"{b:g}": round(float(p), 4) for b, p in zip(bins, face.distribution)}
-    return answer
-
+# ---- the ingress ----
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class AgeAPI:
-    def __init__(self, finder, predictor, model: dict, crop: dict, api_key_sha256: str | None):
+    def __init__(self, finder, predictor, model: dict, crop: CropConfig, api_key_sha256: str | None):
         self.finder, self.predictor = finder, predictor
         self.model = model  # name, version, sha256, bins
-        self.crop = CropConfig.from_dict(crop)
+        self.crop = crop
         self.api_key_sha256 = api_key_sha256
         self.limits = Limits()  # until reconfigure() gives the user_config
         self.in_flight = 0
@@ -332,7 +138,7 @@ class AgeAPI:
         self.ready_lock = asyncio.Lock()
 
     def reconfigure(self, user_config: dict) -> None:
-        self.limits = Limits(**user_config)
+        self.limits = build(Limits, user_config, "limits")
 
     def check_key(self, request: Request) -> None:
         if self.api_key_sha256 is None:
@@ -341,13 +147,13 @@ class AgeAPI:
         if not given or not hmac.compare_digest(hashlib.sha256(given.encode()).hexdigest(), self.api_key_sha256):
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
 
-    async def infer(self, data: bytes, max_faces: int) -> tuple[CutFaces, tuple[int, int], np.ndarray, np.ndarray | None]:
+    async def infer(self, data: bytes, max_faces: int) -> ImageFaces:
+        """The inference path across the two workers: detector half, then model half, joined by `attach`."""
         found = await self.finder.find.remote(data, self.limits.max_pixels, max_faces)
-        if not isinstance(found[0], CutFaces):
-            raise ApiError(*found)
-        cut, size = found
-        ages, distributions = await self.predictor.predict.remote(cut.regions, cut.boxes)
-        return cut, size, ages, distributions
+        if isinstance(found, ImageFailure):
+            raise ApiError(failure_status(found.code), found.code, found.message)
+        outputs = await self.predictor.predict.remote(found.regions, found.boxes)
+        return attach([found], outputs)[0]
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
@@ -378,22 +184,21 @@ class AgeAPI:
             if size is not None and size[0] * size[1] > self.limits.max_pixels:
                 raise ApiError(413, "too_large", f"{size[0]}x{size[1]} pixels is over the cap of {self.limits.max_pixels:,}")
             try:
-                cut, size, ages, distributions = await asyncio.wait_for(self.infer(data, max_faces), self.limits.timeout_s)
+                result = await asyncio.wait_for(self.infer(data, max_faces), self.limits.timeout_s)
             except asyncio.TimeoutError:
                 raise ApiError(504, "timeout", f"no answer within {self.limits.timeout_s:g} s") from None
             except BackPressureError:
                 raise ApiError(503, "overloaded", "the model is at capacity; retry shortly", {"Retry-After": "1"}) from None
         except ImageError as error:
-            raise ApiError(image_error_status(error), error.reason, str(error)) from None
+            raise ApiError(failure_status(error.reason), error.reason, str(error)) from None
         finally:
             self.in_flight -= 1
         self.ready = True
-        (result,) = ages_of([cut], ages, distributions)
         return JSONResponse(
             {
                 "faces": [face_json(face, self.model["bins"]) for face in result.faces],
                 "n_faces": result.n_faces,
-                "image": {"width": size[0], "height": size[1]},
+                "image": {"width": result.width, "height": result.height},
                 "model": {k: self.model[k] for k in ("name", "version", "sha256")},
                 "request_id": request_id,
                 "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
@@ -418,12 +223,12 @@ class AgeAPI:
         through the model (which must give a finite age)."""
         gray = np.full((96, 96, 3), 128, np.uint8)
         found = await self.finder.find.remote(cv2.imencode(".png", gray)[1].tobytes(), self.limits.max_pixels, 1)
-        if not isinstance(found[0], CutFaces):
-            raise RuntimeError(f"the detector failed: {found}")
+        if isinstance(found, ImageFailure):
+            raise RuntimeError(f"the detector failed: {found.reason}")
         region, boxes = cut_region(gray, [24, 24, 72, 72], self.crop)
-        ages, _ = await self.predictor.predict.remote(region[None], boxes[None])
-        if not (len(ages) == 1 and np.isfinite(ages[0])):
-            raise RuntimeError(f"the model gave {ages}")
+        outputs = await self.predictor.predict.remote(region[None], boxes[None])
+        if not (len(outputs.age) == 1 and np.isfinite(outputs.age[0])):
+            raise RuntimeError(f"the model gave {outputs.age}")
 
     @api.get("/v1/stats", summary="Batch sizes seen by the detector and model replicas that answered")
     async def stats(self, request: Request) -> JSONResponse:
@@ -437,11 +242,7 @@ def worker_device(device: str) -> tuple[str, float]:
     detector and the model take half of one each, so one GPU holds a pair."""
     import ray
 
-    gpus = ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0
-    if device == "auto":
-        device = "cuda" if gpus > 0 else "cpu"
-    if device == "cuda" and gpus <= 0:
-        raise ValueError("--device cuda was asked for, but the Ray cluster has no GPU")
+    device = resolve_device(device, ray.cluster_resources().get("GPU", 0.0) if ray.is_initialized() else 0.0)
     return device, 0.5 if device == "cuda" else 0.0
 
 
@@ -451,12 +252,11 @@ def build_app(args: dict | ServeConfig):
     The model file is read once here and its bytes go to every AgePredictor replica, so replicas on other
     nodes need no shared path; its name, version and crop geometry go to the others.
     """
-    cfg = args if isinstance(args, ServeConfig) else ServeConfig.from_args(args)
-    model_bytes = storage.read_bytes(cfg.model)
-    model, payload = load_model(model_bytes, name=cfg.model)
-    crop = model_crop(payload)
-    name, version = model_identity(payload, cfg.model)
-    model_info = {"name": name, "version": version, "sha256": payload["sha256"], "bins": model.cfg.bins.tolist()}
+    cfg = build(ServeConfig, args or {}, "serve args")
+    model_bytes = storage.read_bytes(cfg.model_location)
+    model = AgeModel(model_bytes, "cpu", name=cfg.model_location)  # a bad model fails here, before any replica starts
+    name, version = model.identity
+    model_info = {"name": name, "version": version, "sha256": model.payload["sha256"], "bins": model.bins}
     key = os.environ.get(API_KEY_ENV)
     device, gpu_share = worker_device(cfg.device)
     batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
@@ -465,13 +265,13 @@ def build_app(args: dict | ServeConfig):
     workers_in_flight = max(2 * cfg.max_batch_size, 32)
     finder = FaceFinder.options(
         max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}
-    ).bind(crop.to_dict(), device, cfg.min_face_score, cfg.detector.to_dict(), **batching)
+    ).bind(model.crop, device, cfg.detector, **batching)
     predictor = AgePredictor.options(
         max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share}
     ).bind(model_bytes, device, **batching)
     return AgeAPI.options(
-        user_config=asdict(cfg.limits), max_ongoing_requests=max(256, 2 * cfg.limits.max_in_flight)
-    ).bind(finder, predictor, model_info, crop.to_dict(), hashlib.sha256(key.encode()).hexdigest() if key else None)
+        user_config=to_dict(cfg.limits), max_ongoing_requests=max(256, 2 * cfg.limits.max_in_flight)
+    ).bind(finder, predictor, model_info, model.crop, hashlib.sha256(key.encode()).hexdigest() if key else None)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -483,7 +283,7 @@ def check_port_free(host: str, port: int) -> None:
         try:
             probe.bind((host, port))
         except OSError as error:
-            raise ValueError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from None
+            raise UserError(f"cannot listen on {host}:{port}: {error.strerror}; choose another --port") from None
 
 
 def wait_until_healthy(url: str, timeout_s: float = 120.0) -> dict:
@@ -510,7 +310,7 @@ def serve_forever(cfg: ServeConfig) -> dict:
     from c3ae_ray.runtime import ray_runtime
 
     check_port_free(cfg.host, cfg.port)
-    load_model(storage.read_bytes(cfg.model), name=cfg.model)  # a bad --model fails here, before Ray starts
+    AgeModel(storage.read_bytes(cfg.model_location), "cpu", name=cfg.model_location)  # a bad --model fails here, before Ray starts
     url = f"http://{cfg.host}:{cfg.port}"
     started = time.monotonic()
     with ray_runtime():

@@ -16,11 +16,9 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
+from c3ae_ray.config import NotFoundError, OutputExistsError, UserError
+
 SUMMARY = "summary.json"
-
-
-class OutputExistsError(FileExistsError):
-    pass
 
 
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
@@ -104,7 +102,7 @@ def read_bytes(location: str) -> bytes:
     """A whole (small) file from a local path or an object-store URI; FileNotFoundError when it is not there."""
     filesystem, path = resolve(location)
     if filesystem.get_file_info(path).type != pafs.FileType.File:
-        raise FileNotFoundError(f"{location} does not exist or is not a file")
+        raise NotFoundError(f"{location} does not exist or is not a file")
     with filesystem.open_input_stream(path) as stream:
         return stream.read()
 
@@ -161,7 +159,7 @@ def prepare_run_dir(
         wanted = json.loads(json.dumps(config))
         changed = sorted(k for k in set(saved) | set(wanted) if k not in resumable and saved.get(k) != wanted.get(k))
         if changed:
-            raise ValueError(
+            raise UserError(
                 f"{location} holds an unfinished {kind} with other settings ({', '.join(changed)}): "
                 "rerun it with the same settings to resume, or pass --overwrite to start over"
             )
@@ -177,7 +175,7 @@ def require_complete(location: str) -> tuple[pafs.FileSystem, str, dict]:
     """A stage's output that a reader may use: it must hold summary.json (written last). -> (fs, path, summary)."""
     filesystem, path = resolve(location)
     if not exists(filesystem, path):
-        raise FileNotFoundError(f"{location} does not exist")
+        raise NotFoundError(f"{location} does not exist")
     if not exists(filesystem, f"{path}/{SUMMARY}"):
-        raise ValueError(f"{location} has no {SUMMARY}: it is not a finished output (a crashed or running job?)")
+        raise UserError(f"{location} has no {SUMMARY}: it is not a finished output (a crashed or running job?)")
     return filesystem, path, read_json(filesystem, f"{path}/{SUMMARY}")

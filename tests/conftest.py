@@ -127,11 +127,12 @@ def model_file(tmp_path_factory) -> Path:
     where what is checked is that each face gets the model's own output, not that the age is right."""
     import torch
 
+    from c3ae_ray.config import to_dict
     from c3ae_ray.crops import CropConfig
     from c3ae_ray.model import C3AE, save_model
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "seed0.pt"
-    save_model(C3AE().eval(), path, crop_config=CropConfig().to_dict(), meta={"epochs": 0})
+    save_model(C3AE().eval(), path, crop_config=to_dict(CropConfig()), meta={"epochs": 0})
     return path
 

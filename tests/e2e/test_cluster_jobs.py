@@ -175,6 +175,7 @@ def _job_status(cluster: Cluster) -> str:
     return cluster.listed("jobs", f"submission_id={JOB_ID}")[0]["status"]
 
 
+@pytest.mark.slow
 def test_the_pipeline_job_runs_on_both_nodes_and_resumes_when_resubmitted(cluster, shared_data):
     base = cluster.base
     config = _pipeline_config(base, shared_data / "utkface")

@@ -12,8 +12,10 @@ import pytest
 import torch
 
 from c3ae_ray import storage
+from c3ae_ray.config import to_dict
 from c3ae_ray.crops import CropConfig
-from c3ae_ray.evaluate import ABLATIONS, EvalConfig, evaluate
+from c3ae_ray.evaluate import EvalConfig, evaluate
+from c3ae_ray.protocols import ABLATIONS
 from c3ae_ray.model import C3AE, save_model
 from tests import fixtures
 
@@ -128,7 +130,7 @@ def test_trials_fine_tune_from_the_given_model(fgnet_parquet, tmp_path):
     start = C3AE()
     with torch.no_grad():
         start.w2.bias.fill_(50.0)  # every age 50 years above what the same weights would say: easy to recognise
-    save_model(start, tmp_path / "start.pt", crop_config=CropConfig().to_dict(), meta={"val_mae": 1.0})
+    save_model(start, tmp_path / "start.pt", crop_config=to_dict(CropConfig()), meta={"val_mae": 1.0})
     summary = run(fgnet_parquet, tmp_path / "tuned", protocol="lopo", epochs=1, lr=1e-7, init_from=str(tmp_path / "start.pt"))
     assert summary["init_from"]["path"] == str(tmp_path / "start.pt") and summary["completed"] == 4
     with open(tmp_path / "tuned" / "predictions.csv") as file:

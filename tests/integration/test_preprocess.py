@@ -14,9 +14,12 @@ import pytest
 from PIL import Image
 
 from c3ae_ray import storage
-from c3ae_ray.crops import CropConfig, sample_crops, face_crops
+from c3ae_ray.crops import CropConfig
+from tests.oracles import face_crops, sample_crops
 from c3ae_ray.images import decode_image
-from c3ae_ray.preprocess import STATUSES, NoUsableImagesError, PreprocessConfig, preprocess
+from c3ae_ray.config import UserError
+from c3ae_ray.faces import STATUSES
+from c3ae_ray.preprocess import NoUsableImagesError, PreprocessConfig, preprocess
 from tests import fixtures
 from tests.bad_files import write_bad_files
 
@@ -73,7 +76,7 @@ def test_rows_hold_the_region_that_crops_cuts(ray_session, shared_data, tmp_path
         region = decode_image(row["region_jpeg"])
         assert region.shape == (cfg.region_size, cfg.region_size, 3)
         boxes = np.asarray(row["region_boxes"], np.float32).reshape(3, 4)
-        from_row = sample_crops(region, boxes, cfg.size).astype(int)
+        from_row = sample_crops(region, boxes).astype(int)
         from_image = face_crops(decode_image(Path(row["path"]).read_bytes()), row["face_box"], cfg).astype(int)
         assert np.abs(from_row - from_image).mean() < 3  # JPEG round trip only
         assert len(row["landmarks"]) == 10 and 0.9 <= row["face_score"] <= 1.0
@@ -130,6 +133,8 @@ def test_age_range_is_configurable_and_nothing_usable_is_an_error(ray_session, s
     assert summary["bad_age"] == sum(age > ages[2] for age in ages)
     assert_consistent(summary, tmp_path / "out")
     with pytest.raises(NoUsableImagesError, match="no usable image"):
+        run("fgnet", built["root"], tmp_path / "none", min_age=119)  # the shared UTKFace ages stop at 110
+    with pytest.raises(UserError, match="min_age 200 is over max_age 120"):
         run("fgnet", built["root"], tmp_path / "none", min_age=200)
     assert not (tmp_path / "none").exists()
     assert not list(tmp_path.glob("none.partial-*"))

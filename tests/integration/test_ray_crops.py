@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from c3ae_ray.crops import face_crops
+from tests.oracles import face_crops
 
 
 def test_crops_in_ray_data_equal_direct_calls(ray_session):

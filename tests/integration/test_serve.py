@@ -16,8 +16,9 @@ from PIL import Image
 
 from c3ae_ray.images import decode_image
 from c3ae_ray.model import BUNDLED_MODEL
-from c3ae_ray.score import AgeEstimator
-from c3ae_ray.serving import API_KEY_ENV, APP_NAME, ServeConfig, build_app, wait_until_healthy
+from c3ae_ray.api import API_KEY_ENV, ServeConfig
+from c3ae_ray.inference import Estimator
+from c3ae_ray.serving import APP_NAME, build_app, wait_until_healthy
 from tests import fixtures
 from tests.fixtures import free_port
 
@@ -57,7 +58,7 @@ def redeploy(cfg) -> None:
 
 def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, shared_data):
     url, _ = served
-    estimator = AgeEstimator(BUNDLED_MODEL, device="cpu")
+    estimator = Estimator(BUNDLED_MODEL, device="cpu")
     faces = shared_data / "faces"
     for name, expected_faces in [("multiface.jpg", 6), ("ivan.jpg", 1), ("no-faces.jpg", 0)]:
         data = (faces / name).read_bytes()

@@ -14,12 +14,13 @@ import torch
 
 from c3ae_ray import storage
 from c3ae_ray.model import MODEL_FORMAT, load_model
-from c3ae_ray.train import train, train_config
+from c3ae_ray.config import build
+from c3ae_ray.train import TrainConfig, train
 from tests import fixtures
 
 
 def run(data, out, **flags):
-    return train(train_config(None, {"data": str(data), "out": str(out), **flags}))
+    return train(build(TrainConfig, {"data": str(data), "out": str(out), **flags}))
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,14 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from c3ae_ray.augment import AugmentConfig, affine_theta, crop_batch, jitter_boxes
-from c3ae_ray.crops import CropConfig, cut_region, sample_crops
+from c3ae_ray.config import to_dict
+from c3ae_ray.crops import CropConfig, cut_region
+from tests.oracles import sample_crops
 
 R = CropConfig().region_size  # 154
 OFF = AugmentConfig(
@@ -27,7 +31,7 @@ def default_boxes(n) -> torch.Tensor:
 
 
 def only(**changes) -> AugmentConfig:
-    return AugmentConfig(**{**OFF.to_dict(), **changes})
+    return replace(OFF, **changes)
 
 
 def test_unaugmented_equals_sample_crops():
@@ -185,9 +189,9 @@ def test_seeded_runs_repeat_and_single_faces_work():
     again = crop_batch(regions, boxes, augment=cfg, generator=torch.Generator().manual_seed(5))
     other = crop_batch(regions, boxes, augment=cfg, generator=torch.Generator().manual_seed(6))
     assert torch.equal(first, again) and not torch.equal(first, other)
-    single = crop_batch(regions[:1], boxes[:1], size=32, augment=AugmentConfig())
-    assert single.shape == (1, 3, 3, 32, 32) and single.dtype == torch.float32
-    assert AugmentConfig().to_dict()["erase_area"] == [0.02, 0.2]
+    single = crop_batch(regions[:1], boxes[:1], augment=AugmentConfig())
+    assert single.shape == (1, 3, 3, 64, 64) and single.dtype == torch.float32
+    assert to_dict(AugmentConfig())["erase_area"] == [0.02, 0.2]
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

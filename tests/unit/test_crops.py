@@ -3,7 +3,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from c3ae_ray.crops import CropConfig, context_boxes, cut_region, face_crops, region_bounds, sample_crops
+from c3ae_ray.config import UserError, build, to_dict
+from c3ae_ray.crops import CropConfig, context_boxes, cut_region, region_bounds
+from tests.oracles import face_crops, sample_crops
 
 
 def gradient_image(height=256, width=256) -> np.ndarray:
@@ -28,7 +30,18 @@ def test_default_geometry():
     cfg = CropConfig()
     assert cfg.scales == (1.0, 1.5, 2.0) and cfg.size == 64
     assert cfg.region_size == 154  # 64 px face, 2x context, 10% margin each side
-    assert CropConfig.from_dict(cfg.to_dict()) == cfg
+    assert build(CropConfig, to_dict(cfg)) == cfg
+
+
+def test_a_geometry_the_model_cannot_take_is_refused_where_it_is_set():
+    """The crop side is the network's input and the network has three contexts: nothing else gets through."""
+    with pytest.raises(UserError, match="crop size is fixed at 64"):
+        build(CropConfig, {"size": 96})
+    with pytest.raises(UserError, match="3 increasing positive numbers"):
+        build(CropConfig, {"scales": [1.0, 2.0]})
+    with pytest.raises(UserError, match="3 increasing positive numbers"):
+        CropConfig(scales=(1.0, 2.0, 1.5))
+    assert CropConfig(scales=(1.0, 1.7, 2.5), margin=0.2).region_size == 224  # 64 x 2.5 x (1 + 2 x 0.2)
 
 
 def test_context_boxes_are_squares_on_the_longer_side():

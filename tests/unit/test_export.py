@@ -1,10 +1,8 @@
 """Exports run as their users run them (onnxruntime, torch.jit.load) and agree with PyTorch within 1e-4 years,
-for any batch size; `c3ae export` writes them from the command line."""
+for any batch size."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +11,6 @@ import torch
 
 from c3ae_ray.export import AgeAndDistribution, export_model, run_export
 from c3ae_ray.model import BUNDLED_MODEL, C3AE, load_model, save_model
-
-C3AE_BIN = str(Path(sys.executable).with_name("c3ae"))
-
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_exports_match_pytorch_within_1e4_years(fmt, tmp_path):
@@ -38,13 +33,3 @@ def test_a_model_without_the_cascade_has_no_distribution_to_export(tmp_path):
     save_model(C3AE(cascade=False), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="cascade"):
         AgeAndDistribution(load_model(tmp_path / "plain.pt")[0])
-
-
-def test_export_command(tmp_path):
-    done = subprocess.run([C3AE_BIN, "export", "--model", str(BUNDLED_MODEL), "--format", "torchscript", "--out",
-                           str(tmp_path / "m.pt")], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "torchscript" in done.stdout and "differ by at most" in done.stdout and (tmp_path / "m.pt").is_file()
-    bad = subprocess.run([C3AE_BIN, "export", "--model", str(tmp_path / "absent.pt"), "--format", "onnx", "--out",
-                          str(tmp_path / "x.onnx")], capture_output=True, text=True, timeout=300)
-    assert bad.returncode == 1 and bad.stderr.startswith("c3ae export: error:") and "Traceback" not in bad.stderr

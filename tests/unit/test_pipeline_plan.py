@@ -51,12 +51,13 @@ def test_local_outs_become_absolute(tmp_path, monkeypatch):
         ({"pretrain": {"data": {**DATA["wiki"], "out": "/elsewhere"}}}, "chooses each stage's out"),
         ({"pretrain": {"data": DATA["wiki"], "train": {"init_from": "m.pt"}}}, "may not set"),
         ({"pretrain": {"data": DATA["wiki"], "train": {"epochs": 0}}}, "epochs must be at least 1"),
-        ({"pretrain": {"data": DATA["wiki"], "train": {"epoch": 3}}}, "unknown training config keys"),
+        ({"pretrain": {"data": DATA["wiki"], "train": {"epoch": 3}}}, "unknown pretrain: train setting\\(s\\): epoch"),
         ({"pretrain": {"data": DATA["wiki"]}, "finetune": {"data": {**DATA["wiki"], "limit": 5}}}, "different settings"),
         ({"finetune": {"data": DATA["fgnet"]}, "evaluate": {"data": DATA["fgnet"], "init_from": "finetune"}}, "trained on"),
         ({"pretrain": {"data": DATA["wiki"]}, "evaluate": {"data": DATA["fgnet"], "init_from": "finetune"}}, "init_from must be"),
         ({"pretrain": {"data": DATA["wiki"]}, "evaluate": {"data": DATA["fgnet"], "evaluate": {"protocol": "ablation"}}}, "protocol"),
         ({"pretrain": "wiki"}, "expected a mapping"),
+        ({"pretrain": {"data": {**DATA["wiki"], "crop": {"size": 96}}}}, "crop size is fixed at 64"),
     ],
 )
 def test_bad_configs_are_refused_before_any_work(bad, message):

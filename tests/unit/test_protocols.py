@@ -1,20 +1,14 @@
-"""The evaluation plans (who trains and tests on which faces), metrics, and the report, without Ray."""
+"""The evaluation plans (who trains and tests on which faces), metrics, the report and its figures, without Ray."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from c3ae_ray.evaluate import (
-    ABLATIONS,
-    EvalConfig,
-    age_metrics,
-    format_report,
-    plan_trials,
-    plot_error_by_decade,
-    plot_pred_vs_true,
-    plot_trial_mae,
-)
+from c3ae_ray import plots
+from c3ae_ray.evaluate import EvalConfig
+from c3ae_ray.metrics import age_metrics, by_decade
+from c3ae_ray.protocols import ABLATIONS, format_report, plan_trials
 
 # 10 people with 3 to 7 photos each, 50 photos in all.
 SUBJECTS = [f"{p:03d}" for p in range(10) for _ in range(3 + p % 5)]
@@ -82,16 +76,18 @@ def test_plans_that_cannot_work_are_refused():
         ({"trial_cpus": 0}, "trial_cpus must be positive"),
     ]:
         with pytest.raises(ValueError, match=message):
-            EvalConfig(data="d", out="o", **settings).validate()
+            EvalConfig(data="d", out="o", **settings)
 
 
 def test_age_metrics_are_mae_and_cumulative_accuracy():
     metrics = age_metrics([10, 20, 30, 48], [12, 24, 36, 40])  # errors 2, 4, 6, 8
     assert metrics == {"faces": 4, "mae": 5.0, "ca3": 0.25, "ca5": 0.5, "ca7": 0.75}
     assert age_metrics([], [])["mae"] is None
+    decades = by_decade([10, 20, 30, 48], [12, 24, 36, 40])  # true ages in the 10s, 20s, 30s and 40s
+    assert [(d["ages"], d["faces"], d["mae"]) for d in decades] == [("10-19", 1, 2.0), ("20-29", 1, 4.0), ("30-39", 1, 6.0), ("40-49", 1, 8.0)]
 
 
-def test_the_report_lists_failed_trials_and_the_plots_render():
+def test_the_report_lists_failed_trials_and_the_figures_plot_the_results():
     rows = [
         {"trial": 0, "name": "subject 001", "group": "lopo", "status": "ok", "test_subjects": ["001"], "train_size": 9,
          "test_size": 3, "subject_overlap": 0, "retries": 1, "mae": 4.0, "ca3": 0.3, "ca5": 0.6, "ca7": 1.0},
@@ -107,6 +103,15 @@ def test_the_report_lists_failed_trials_and_the_plots_render():
     assert "| subject 001 | 001 | 9 | 3 | 0 | 4.00 | 0.300 | 0.600 | 1.000 | ok after 1 retry |" in report
     assert "| subject 002 | 002 | 9 | 3 | - | - | - | - | - | FAILED: ActorDiedError: killed after 2 retries |" in report
     true, predicted = np.array([5.0, 15, 25, 70]), np.array([7.0, 12, 30, 60])
-    for png in (plot_trial_mae(rows), plot_pred_vs_true({"lopo": (true, predicted)}),
-                plot_error_by_decade({"full": (true, predicted), "no-se": (true, predicted + 1)})):
-        assert png[:4] == b"\x89PNG" and len(png) > 5000
+    trial_mae = plots.trial_mae(rows).axes[0]
+    assert [bar.get_height() for bar in trial_mae.patches] == [4.0]  # the failed trial has no bar...
+    assert [list(line.get_ydata()) for line in trial_mae.get_lines()] == [[0], [4.0, 4.0]]  # ...but a cross; the mean
+    assert [label.get_text() for label in trial_mae.get_xticklabels()] == ["subject 001", "subject 002"]
+    scatter = plots.pred_vs_true({"lopo": (true, predicted)}).axes[0]
+    np.testing.assert_allclose(scatter.collections[0].get_offsets(), np.stack([true, predicted], axis=1))
+    decades = plots.error_by_decade({"full": (true, predicted), "no-se": (true, predicted + 1)}).axes[0]
+    heights = [bar.get_height() for bar in decades.patches]
+    np.testing.assert_allclose(heights, [2, 3, 5, 10, 3, 2, 6, 9])  # per decade: full's errors, then no-se's
+    assert [label.get_text() for label in decades.get_xticklabels()] == ["0-9", "10-19", "20-29", "70-79"]
+    for figure in (plots.trial_mae(rows), plots.pred_vs_true({"lopo": (true, predicted)})):
+        assert plots.png(figure)[:4] == b"\x89PNG"

@@ -50,6 +50,6 @@ def test_training_workers_fit_and_leave_a_cpu(nodes, workers):
 def test_gpu_pools_take_a_gpu_each_or_share_them():
     assert pool_shape({"CPU": 16.0, "GPU": 2.0, "nodes": 2}, "auto", None) == ("cuda", 2, 1.0, 1.0)
     assert pool_shape({"CPU": 8.0, "GPU": 1.0}, "cuda", 4)[3] == 0.25
-    with pytest.raises(ValueError, match="no GPU"):
+    with pytest.raises(ValueError, match="no CUDA GPU"):
         pool_shape({"CPU": 8.0}, "cuda", None)
     assert math.isclose(pool_shape({"CPU": 8.0}, "cpu", 14)[2], 7 / 14)

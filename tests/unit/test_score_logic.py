@@ -1,4 +1,5 @@
-"""Scoring without Ray: listing an image store, reading files, one image -> its faces' ages -> rows."""
+"""The inference path and scoring without Ray: listing an image store, reading files, one image -> its faces'
+outputs (the same as the model on the reference crops) -> rows."""
 
 from __future__ import annotations
 
@@ -7,41 +8,50 @@ import pyarrow as pa
 import pytest
 import torch
 
-from c3ae_ray.crops import face_crops
+from c3ae_ray.batch import decoded_inputs, filesystems_for, read_files
+from c3ae_ray.config import UserError
 from c3ae_ray.images import decode_image
-from c3ae_ray.model import crops_to_tensor, load_model, model_identity
-from c3ae_ray.score import AgeEstimator, list_images, read_images, score_batch
+from c3ae_ray.inference import Estimator, ImageFailure
+from c3ae_ray.model import load_model, model_identity
+from c3ae_ray.score import answer_rows, list_images
 from tests.bad_files import write_bad_files
+from tests.oracles import crops_to_tensor, face_crops
 
 
 @pytest.fixture(scope="module")
 def estimator(model_file):
     torch.set_num_threads(1)
-    return AgeEstimator(model_file, device="cpu")
+    return Estimator(model_file, device="cpu")
+
+
+def rows_of(records: list[dict], estimator: Estimator) -> list[dict]:
+    """What the scoring actor does with a batch of read rows."""
+    answers = estimator.estimate(decoded_inputs(records, 64_000_000))
+    return [row for record, answer in zip(records, answers) for row in answer_rows(record["path"], answer, ("test", "7"))]
 
 
 def test_folder_listing_is_recursive_sorted_and_images_only(tmp_path):
     for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "sub/deeper/d.webp", "notes.txt", ".hidden.jpg", "sub/labels.csv"):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    images, filesystems = list_images(str(tmp_path))
+    images = list_images(str(tmp_path))
     assert images == [str(tmp_path / n) for n in ("a.PNG", "b.jpg", "sub/c.jpeg", "sub/deeper/d.webp")]
-    assert list(filesystems) == [""]
+    assert list(filesystems_for(images)) == [""]
 
 
 def test_single_image_and_file_list(tmp_path):
     (tmp_path / "one.jpg").write_bytes(b"x")
-    assert list_images(str(tmp_path / "one.jpg"))[0] == [str(tmp_path / "one.jpg")]
+    assert list_images(str(tmp_path / "one.jpg")) == [str(tmp_path / "one.jpg")]
     listing = tmp_path / "lists" / "images.txt"
     listing.parent.mkdir()
     listing.write_text(f"# a comment\n../one.jpg\n\n  {tmp_path}/missing.jpg  \nrelative/two.png\n")
-    images, _ = list_images(str(listing))
+    images = list_images(str(listing))
     # entries are taken as listed (a missing one becomes an error row later), relative to the list's folder
     assert images == sorted([f"{tmp_path}/lists/../one.jpg", f"{tmp_path}/missing.jpg", f"{tmp_path}/lists/relative/two.png"])
 
 
 def test_listing_errors_are_clear(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         list_images(str(tmp_path / "nowhere"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="no images"):
@@ -54,15 +64,18 @@ def test_listing_errors_are_clear(tmp_path):
         list_images(str(tmp_path / "binary.dat"))
 
 
-def test_read_images_turns_unreadable_files_into_errors(tmp_path):
+def test_read_files_turns_unreadable_files_into_errors_and_skips_rows_in_error(tmp_path):
     (tmp_path / "ok.jpg").write_bytes(b"bytes")
     (tmp_path / "folder.jpg").mkdir()
-    paths = [str(tmp_path / n) for n in ("ok.jpg", "missing.jpg", "folder.jpg")]
-    _, filesystems = list_images(str(tmp_path / "ok.jpg"))
-    read = read_images(pa.table({"path": paths}), filesystems).to_pylist()
-    assert read[0] == {"path": paths[0], "data": b"bytes", "error": None}
-    for row in read[1:]:
+    paths = [str(tmp_path / n) for n in ("ok.jpg", "missing.jpg", "folder.jpg", "ok.jpg")]
+    given = pa.table({"path": paths, "age": [1.0, 2.0, 3.0, 200.0], "error": [None, None, None, "bad_age: 200.0"]})
+    read = read_files(given, filesystems_for(paths)).to_pylist()
+    assert read[0] == {"path": paths[0], "age": 1.0, "data": b"bytes", "error": None}
+    for row in read[1:3]:
         assert row["data"] is None and row["error"].startswith("read_error: ")
+    assert read[3] == {"path": paths[3], "age": 200.0, "data": None, "error": "bad_age: 200.0"}  # never read
+    inputs = decoded_inputs(read)
+    assert inputs[0] == ImageFailure("undecodable", inputs[0].message) and inputs[3] == ImageFailure("bad_age", "200.0")
 
 
 def test_each_face_gets_the_model_output_on_the_shared_crop_geometry(estimator, model_file, shared_data):
@@ -72,7 +85,7 @@ def test_each_face_gets_the_model_output_on_the_shared_crop_geometry(estimator, 
     scores = [face.score for face in result.faces]
     assert scores == sorted(scores, reverse=True) and min(scores) >= 0.9
     model, _ = load_model(model_file)
-    crops = np.stack([face_crops(image, face.box, estimator.crop) for face in result.faces])
+    crops = np.stack([face_crops(image, face.box, estimator.age_model.crop) for face in result.faces])
     with torch.inference_mode():
         ages, distributions = model(crops_to_tensor(crops))
     # the scorer cuts with the batched training crops (no uint8 rounding): equal to well under a year
@@ -83,12 +96,10 @@ def test_each_face_gets_the_model_output_on_the_shared_crop_geometry(estimator, 
 
 def test_max_faces_keeps_the_most_confident_and_counts_all(model_file, shared_data):
     image = decode_image((shared_data / "faces" / "multiface.jpg").read_bytes())
-    capped = AgeEstimator(model_file, device="cpu", max_faces=2).estimate([image])[0]
-    full = AgeEstimator(model_file, device="cpu").estimate([image])[0]
+    capped = Estimator(model_file, device="cpu", max_faces=2).estimate([image])[0]
+    full = Estimator(model_file, device="cpu").estimate([image])[0]
     assert capped.n_faces == 6 and len(capped.faces) == 2
     assert [f.age for f in capped.faces] == pytest.approx([f.age for f in full.faces[:2]], abs=1e-4)
-    with pytest.raises(ValueError, match="max_faces"):
-        AgeEstimator(model_file, device="cpu", max_faces=0)
 
 
 def test_rows_for_faces_no_face_and_bad_files(estimator, shared_data, tmp_path):
@@ -97,7 +108,7 @@ def test_rows_for_faces_no_face_and_bad_files(estimator, shared_data, tmp_path):
     records = [{"path": name, "data": (tmp_path / name).read_bytes(), "error": None} for name in reasons]
     records += [{"path": n, "data": (faces / n).read_bytes(), "error": None} for n in ("multiface.jpg", "no-faces.jpg", "ivan.jpg")]
     records.append({"path": "gone.jpg", "data": None, "error": "read_error: FileNotFoundError: gone"})
-    rows = score_batch(pa.Table.from_pylist(records), estimator, ("test", "7"), max_pixels=64_000_000).to_pylist()
+    rows = rows_of(records, estimator)
     by_path: dict[str, list[dict]] = {}
     for row in rows:
         by_path.setdefault(row["path"], []).append(row)

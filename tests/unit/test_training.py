@@ -1,4 +1,5 @@
-"""Training logic without Ray: config merging, the hash split, row decoding, run folders, fine-tune checks."""
+"""Training logic without Ray: the config from YAML and flags, the hash split, row decoding, run folders,
+fine-tune checks, the loop's epoch and validation, the curves figure."""
 
 from __future__ import annotations
 
@@ -10,40 +11,59 @@ import pyarrow as pa
 import pytest
 import torch
 
-from c3ae_ray import storage, train
+from c3ae_ray import loop, plots, storage, train
+from c3ae_ray.augment import crop_batch
+from c3ae_ray.cli import build_parser
+from c3ae_ray.config import UserError, build, to_dict
 from c3ae_ray.crops import CropConfig, cut_region
+from c3ae_ray.faces import decode_faces, in_validation, split_key
 from c3ae_ray.model import C3AE, ModelConfig, save_model
-from c3ae_ray.train import TrainConfig, decode_faces, in_validation, split_key, train_config
+from c3ae_ray.train import TrainConfig
+
+
+def train_config(**values) -> TrainConfig:
+    return build(TrainConfig, values)
+
+
+def from_command_line(*argv: str) -> TrainConfig:
+    args = build_parser().parse_args(["train", *argv])
+    return args.stage.config(args)
 
 
 def test_flags_override_the_yaml_which_overrides_the_paper_defaults(tmp_path):
     config = tmp_path / "train.yaml"
-    config.write_text("epochs: 7\nbatch_size: 20\nlr: 0.001\nmodel:\n  dropout_head: 0.5\naugment:\n  p_flip: 0.0\n")
-    cfg = train_config(str(config), {"data": "d", "out": "o", "lr": 0.01, "se": False, "batch_size": None})
-    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (7, 20, 0.01)
+    config.write_text("data: d\nepochs: 7\nbatch_size: 20\nlr: 0.001\nmodel:\n  dropout_head: 0.5\naugment:\n  p_flip: 0.0\n")
+    cfg = from_command_line("--config", str(config), "--out", "o", "--lr", "0.01", "--no-se")
+    assert (cfg.data, cfg.epochs, cfg.batch_size, cfg.lr) == ("d", 7, 20, 0.01)
     assert cfg.model == ModelConfig(se=False, dropout_head=0.5)
     assert cfg.augment.p_flip == 0.0 and cfg.augment.p_rotate == 0.5
-    defaults = train_config(None, {"data": "d", "out": "o"})
+    defaults = from_command_line("--data", "d", "--out", "o")
     assert (defaults.batch_size, defaults.weight_decay, defaults.alpha, defaults.learning_rate) == (50, 1e-4, 10.0, 0.005)
-    assert train_config(None, {"data": "d", "out": "o", "se": False}).learning_rate == 0.002  # the plain model's
-    assert train_config(None, {"data": "d", "out": "o", "augment": False}).augment is None
+    assert from_command_line("--data", "d", "--out", "o", "--no-se").learning_rate == 0.002  # the plain model's
+    assert from_command_line("--data", "d", "--out", "o", "--no-augment").augment is None
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    assert "(default: 30)" in help_text and "(default: 0.1)" in help_text  # epochs and val_fraction from TrainConfig
 
 
 def test_a_config_round_trips_through_json_and_bad_settings_are_named():
-    cfg = train_config(None, {"data": "d", "out": "o", "cascade": False, "epochs": 3})
-    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
-    with pytest.raises(ValueError, match="unknown training config keys: \\['epoch'\\]"):
-        TrainConfig.from_dict({"data": "d", "out": "o", "epoch": 3})
-    with pytest.raises(ValueError, match="unknown augment config keys"):
-        TrainConfig.from_dict({"data": "d", "out": "o", "augment": {"p_flop": 1}})
-    with pytest.raises(ValueError, match="--out is required"):
-        train_config(None, {"data": "d"})
-    with pytest.raises(ValueError, match="val_fraction"):
-        train_config(None, {"data": "d", "out": "o", "val_fraction": 1.5})
-    with pytest.raises(ValueError, match="workers must be at least 1"):
-        train_config(None, {"data": "d", "out": "o", "workers": 0})
-    with pytest.raises(ValueError, match="lr_schedule must be one of plateau, cosine, got 'step'"):
-        train_config(None, {"data": "d", "out": "o", "lr_schedule": "step"})
+    cfg = train_config(data="d", out="o", model={"cascade": False}, epochs=3)
+    assert build(TrainConfig, json.loads(json.dumps(to_dict(cfg)))) == cfg
+    with pytest.raises(UserError, match="unknown TrainConfig setting\\(s\\): epoch; allowed: data, out"):
+        train_config(data="d", out="o", epoch=3)
+    with pytest.raises(UserError, match="unknown TrainConfig.augment setting\\(s\\): p_flop"):
+        train_config(data="d", out="o", augment={"p_flop": 1})
+    with pytest.raises(UserError, match="--out is required"):
+        from_command_line("--data", "d")
+    with pytest.raises(UserError, match="TrainConfig.epochs: expected int, got 'ten'"):
+        train_config(data="d", out="o", epochs="ten")
+    with pytest.raises(UserError, match="val_fraction"):
+        train_config(data="d", out="o", val_fraction=1.5)
+    with pytest.raises(UserError, match="workers must be at least 1"):
+        train_config(data="d", out="o", workers=0)
+    with pytest.raises(UserError, match="lr_schedule must be one of plateau, cosine, got 'step'"):
+        train_config(data="d", out="o", lr_schedule="step")
+    with pytest.raises(UserError, match="augment.p_flip is a probability"):
+        train_config(data="d", out="o", augment={"p_flip": 2})
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "cosine"])
@@ -51,12 +71,12 @@ def test_the_learning_rate_schedules(schedule):
     """Plateau halves after `lr_patience` epochs without a lower monitored value; cosine falls to near 0 at the end."""
     cfg = TrainConfig(data="d", out="o", epochs=10, lr=0.004, lr_schedule=schedule, lr_patience=2)
     optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=cfg.learning_rate)
-    scheduler = train.lr_scheduler(optimizer, cfg)
+    scheduler = loop.lr_scheduler(optimizer, cfg)
     rates = []
     for epoch in range(cfg.epochs):
         rates.append(optimizer.param_groups[0]["lr"])
         optimizer.step()  # the epoch's steps come first, as in training
-        train.step_schedule(scheduler, 5.0)  # never better than the first epoch
+        loop.step_schedule(scheduler, 5.0)  # never better than the first epoch
     if schedule == "plateau":
         assert rates == [0.004] * 4 + [0.002] * 3 + [0.001] * 3
     else:
@@ -101,49 +121,49 @@ def test_decoding_face_rows_gives_the_regions_and_boxes_and_respects_the_split()
     empty = decode_faces(table.slice(0, 0), "train", 0.5, CropConfig())
     assert empty["region"].shape == (0, 154, 154, 3) and empty["boxes"].shape == (0, 3, 4)
     with pytest.raises(ValueError, match="not a 131px JPEG"):
-        decode_faces(table, None, 0.0, CropConfig(scales=(1.0, 1.7)))
+        decode_faces(table, None, 0.0, CropConfig(scales=(1.0, 1.5, 1.7)))
 
 
 def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
     fs, out = storage.resolve(str(tmp_path / "run"))
 
     def prepare(cfg: TrainConfig, path=out) -> bool:
-        return storage.prepare_run_dir(fs, path, cfg.out, cfg.to_dict(), cfg.overwrite, train.RESUMABLE_CHANGES, "training run")
+        return storage.prepare_run_dir(fs, path, cfg.out, to_dict(cfg), cfg.overwrite, train.RESUMABLE_CHANGES, "training run")
 
-    cfg = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "epochs": 4})
+    cfg = train_config(data="d", out=str(tmp_path / "run"), epochs=4)
     assert prepare(cfg) is False  # new: config.json written
     assert json.loads((tmp_path / "run" / "config.json").read_text())["epochs"] == 4
-    longer_on_two = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "epochs": 9, "workers": 2})
+    longer_on_two = train_config(data="d", out=str(tmp_path / "run"), epochs=9, workers=2)
     assert prepare(longer_on_two) is True
-    other_lr = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "lr": 0.1})
+    other_lr = train_config(data="d", out=str(tmp_path / "run"), lr=0.1)
     with pytest.raises(ValueError, match="other settings \\(lr\\)"):
         prepare(other_lr)
     (tmp_path / "run" / "summary.json").write_text("{}")
     with pytest.raises(storage.OutputExistsError, match="finished training run: pass --overwrite"):
         prepare(cfg)
-    fresh = train_config(None, {"data": "d", "out": str(tmp_path / "run"), "lr": 0.1, "overwrite": True})
+    fresh = train_config(data="d", out=str(tmp_path / "run"), lr=0.1, overwrite=True)
     assert prepare(fresh) is False
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["config.json"]
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
     with pytest.raises(storage.OutputExistsError, match="not a training run"):
-        prepare(train_config(None, {"data": "d", "out": str(tmp_path / "other")}), storage.resolve(str(tmp_path / "other"))[1])
+        prepare(train_config(data="d", out=str(tmp_path / "other")), storage.resolve(str(tmp_path / "other"))[1])
 
 
 def test_fine_tuning_takes_the_models_switches_and_refuses_other_scales_or_switches(tmp_path):
     plain = C3AE(ModelConfig(se=False, cascade=False))
-    save_model(plain, tmp_path / "plain.pt", crop_config=CropConfig().to_dict(), meta={"val_mae": 5.0})
-    cfg = train_config(None, {"data": "d", "out": "o", "init_from": str(tmp_path / "plain.pt")})
+    save_model(plain, tmp_path / "plain.pt", crop_config=to_dict(CropConfig()), meta={"val_mae": 5.0})
+    cfg = train_config(data="d", out="o", init_from=str(tmp_path / "plain.pt"))
     adopted, state, provenance = train.initial_weights(cfg, CropConfig())
     assert adopted.model == plain.cfg and adopted.learning_rate == 0.002
     assert torch.equal(state["w1.weight"], plain.state_dict()["w1.weight"])
     assert provenance["meta"]["val_mae"] == 5.0
     with pytest.raises(ValueError, match="scales \\[1.0, 1.5, 2.0\\], the data has \\[1.0, 2.0, 3.0\\]"):
         train.initial_weights(cfg, CropConfig(scales=(1.0, 2.0, 3.0)))
-    no_context = train_config(None, {"data": "d", "out": "o", "init_from": str(tmp_path / "plain.pt"), "context": False})
+    no_context = train_config(data="d", out="o", init_from=str(tmp_path / "plain.pt"), model={"context": False})
     with pytest.raises(ValueError, match="does not match the asked model config in: context"):
         train.initial_weights(no_context, CropConfig())
-    save_model(C3AE(ModelConfig(n_bins=10)), tmp_path / "bins.pt", crop_config=CropConfig().to_dict())
+    save_model(C3AE(ModelConfig(n_bins=10)), tmp_path / "bins.pt", crop_config=to_dict(CropConfig()))
     with pytest.raises(ValueError, match="other age bins \\(n_bins 10\\) than this run \\(n_bins 12\\)"):
         train.initial_weights(replace_init(cfg, tmp_path / "bins.pt"), CropConfig())
     (tmp_path / "junk.pt").write_bytes(b"not a model")
@@ -157,15 +177,21 @@ def replace_init(cfg: TrainConfig, path, **model) -> TrainConfig:
     return replace(cfg, init_from=str(path), model=ModelConfig(**model) if model else ModelConfig())
 
 
-def test_the_curves_plot_is_a_png_with_every_epoch():
+def test_the_curves_figure_plots_every_epochs_losses_and_metrics():
     history = [
         {"epoch": e, "train_loss": 30 / e, "val_loss": 32 / e, "train_l1": 15 / e, "train_kl": 1 / e, "val_kl": 1.2 / e,
          "val_mae": 14 / e, "val_ca3": 0.1 * e, "val_ca5": 0.15 * e, "val_ca7": 0.2 * e}
         for e in range(1, 5)
     ]
-    png = train.plot_curves(history)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    image = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    figure = plots.training_curves(history)
+    losses, errors, shares = figure.axes
+    lines = {line.get_label(): line for axes in (losses, errors, shares) for line in axes.get_lines()}
+    assert set(lines) == {"train loss", "val loss", "train l1", "train kl", "val kl", "val MAE (years)", "CA(3)", "CA(5)", "CA(7)"}
+    assert list(lines["val MAE (years)"].get_xdata()) == [1, 2, 3, 4]
+    np.testing.assert_allclose(lines["val MAE (years)"].get_ydata(), [14, 7, 14 / 3, 3.5])
+    np.testing.assert_allclose(lines["CA(5)"].get_ydata(), [0.15, 0.3, 0.45, 0.6])
+    np.testing.assert_allclose(lines["train loss"].get_ydata(), [30, 15, 10, 7.5])
+    image = cv2.imdecode(np.frombuffer(plots.png(figure), np.uint8), cv2.IMREAD_COLOR)
     assert image.shape[1] > 800
 
 
@@ -174,19 +200,18 @@ def test_an_epoch_and_a_validation_pass_without_ray():
     table, _ = face_rows(12)
     decoded = decode_faces(table, None, 0.0, CropConfig())
     batches = [{k: torch.from_numpy(v[i : i + 6]) for k, v in decoded.items()} for i in (0, 6)]
-    cfg = train_config(None, {"data": "d", "out": "o"})
-    model = C3AE(cfg.model)
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate)
+    cfg = train_config(data="d", out="o")
+    model, optimizer, _ = loop.build_training(cfg, None, torch.device("cpu"))
     seen = []
     before = [p.detach().clone() for p in model.parameters()]
-    record = train.train_epoch(model, optimizer, batches, cfg, 64, torch.Generator(), torch.device("cpu"), seen.append)
+    record = loop.train_epoch(model, optimizer, batches, cfg, torch.Generator(), torch.device("cpu"), seen.append)
     assert seen == [6, 12] and record["train_samples"] == 12
     assert np.isfinite(record["train_loss"]) and record["train_loss"] >= record["train_l1"] > 0
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    metrics = train._validate(model, batches, cfg, 64, torch.device("cpu"))
+    metrics = loop.validate(model, batches, cfg, torch.device("cpu"))
     assert metrics["val_samples"] == 12 and metrics["val_mae"] > 0
     assert 0 <= metrics["val_ca3"] <= metrics["val_ca5"] <= metrics["val_ca7"] <= 1
     with torch.no_grad():
-        errors = (model.eval()(torch.cat([train.crop_batch(b["region"], b["boxes"]) for b in batches]))[0]
+        errors = (model.eval()(torch.cat([crop_batch(b["region"], b["boxes"]) for b in batches]))[0]
                   - torch.from_numpy(decoded["age"])).abs()
     assert metrics["val_mae"] == pytest.approx(errors.mean().item(), rel=1e-5)

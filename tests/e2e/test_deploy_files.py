@@ -1,16 +1,20 @@
-"""The cluster files are what Ray and KubeRay accept: cluster.yaml passes Ray's own launcher schema, the
+"""The deployment files are what Ray, Serve and KubeRay accept (checked with Ray's own schemas, so these
+tests import Ray internals): cluster.yaml passes Ray's own launcher schema, the Serve configs pass Serve's, cluster.yaml passes Ray's own launcher schema, the
 KubeRay manifests have their required fields, and every file names the same Ray version, image, install
 steps, entrypoints and Serve config as the rest of the repo (so they cannot drift apart)."""
 
 from __future__ import annotations
 
 import re
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import ray
 import yaml
 
+from c3ae_ray.api import MODEL_ENV, Limits, ServeConfig
+from c3ae_ray.config import build
 from c3ae_ray.pipeline import plan
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -80,7 +84,26 @@ def test_job_files_are_complete():
     assert [s.name for s in planned.steps] == [
         "preprocess wiki", "pretrain", "preprocess utkface", "finetune", "preprocess fgnet", "evaluate lopo"]
     assert planned.model == "s3://YOUR-BUCKET/c3ae/models/model.pt"
-    readme = (ROOT / "README.md").read_text()
-    for stage in ("preprocess", "pretrain", "finetune", "evaluate", "score", "pipeline"):
+    for stage in ("preprocess", "pretrain", "finetune", "evaluate", "ablate", "score", "pipeline"):
         assert (ROOT / "jobs" / f"{stage}.py").is_file()
-        assert f"python jobs/{stage}.py" in readme, f"README shows no job submission of jobs/{stage}.py"
+
+
+@pytest.mark.parametrize("name", ["c3ae_cpu.yaml", "c3ae_gpu.yaml"])
+def test_the_serve_configs_pass_serves_schema_and_match_the_app(name, monkeypatch):
+    from ray.serve.schema import ServeDeploySchema
+
+    document = yaml.safe_load((ROOT / "serve" / name).read_text())
+    schema = ServeDeploySchema.model_validate(document)
+    (app,) = schema.applications
+    assert app.import_path == "c3ae_ray.serving:build_app" and app.route_prefix == "/"
+    monkeypatch.setenv(MODEL_ENV, "/models/model.pt")
+    cfg = build(ServeConfig, app.args, "serve args")  # every arg is one the app knows
+    assert cfg.device == ("cpu" if "cpu" in name else "cuda")
+    deployments = {d.name: d for d in app.deployments}
+    assert set(deployments) == {"AgeAPI", "FaceFinder", "AgePredictor"}
+    assert set(deployments["AgeAPI"].user_config) == {f.name for f in fields(Limits)}
+    for worker in ("FaceFinder", "AgePredictor"):
+        assert deployments[worker].max_ongoing_requests >= cfg.max_batch_size  # else Serve caps the batches
+        assert deployments[worker].autoscaling_config["max_replicas"] > 1
+    if "gpu" in name:
+        assert all(deployments[w].ray_actor_options.num_gpus > 0 for w in ("FaceFinder", "AgePredictor"))

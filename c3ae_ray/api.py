@@ -1,0 +1,204 @@
+"""The HTTP API of `c3ae serve` without Ray: its settings, the FastAPI app with its error envelope, and the
+request parsing and answer shapes. `serving` binds it to Ray Serve's deployments.
+
+Every error is `{"error": {"code", "message"}}` with its HTTP status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import functools
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from c3ae_ray.config import check
+from c3ae_ray.detect import DetectorConfig
+from c3ae_ray.images import DEFAULT_MAX_PIXELS
+from c3ae_ray.model import BUNDLED_MODEL
+
+logger = logging.getLogger("ray.serve")
+
+API_KEY_ENV = "C3AE_API_KEY"  # when set where the app is built, /v1/* needs `Authorization: Bearer KEY` or `X-API-Key`
+MODEL_ENV = "C3AE_MODEL"  # the model when the Serve config's args give none
+IMAGE_TYPES = ("image/jpeg", "image/png", "image/webp")
+
+
+def default_model() -> str:
+    """The model when none is given: $C3AE_MODEL when set, else the one bundled with the package."""
+    return os.environ.get(MODEL_ENV) or str(BUNDLED_MODEL)
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one ingress replica accepts; its `user_config`, so `serve deploy` can change it in place."""
+
+    max_body_bytes: int = 10_000_000  # 10 MB; a larger body is a 413 before it is read
+    max_pixels: int = DEFAULT_MAX_PIXELS  # width x height from the image header; over it: 413, never decoded
+    max_in_flight: int = 64  # requests one ingress replica holds at once; the next one gets 503 at once
+    timeout_s: float = 30.0  # a request still unanswered after this gets 504
+    max_faces: int = 100  # the most faces one answer carries (a request's max_faces may only lower it)
+
+    def __post_init__(self):
+        check(min(self.max_body_bytes, self.max_pixels, self.max_in_flight, self.max_faces) >= 1 and self.timeout_s > 0,
+              "limits must be positive")
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    model: str | None = None  # a model.pt (path or s3://); None: $C3AE_MODEL, else the bundled model
+    device: str = "auto"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_batch_size: int = 16  # requests per detector or model batch
+    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    limits: Limits = field(default_factory=Limits)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
+
+    def __post_init__(self):
+        check(self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0, "max_batch_size must be at least 1, batch_wait_timeout_s not negative")
+        check(0 < self.port < 65536, f"port must be 1 to 65535, got {self.port}")
+
+    @property
+    def model_location(self) -> str:
+        return self.model or default_model()
+
+
+class ApiError(Exception):
+    """An answer other than 200: its HTTP status, a stable code and a message for people."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.headers = status, code, message, headers or {}
+
+
+def failure_status(code: str) -> int:
+    """The HTTP status of an image failure's code: 413 over the pixel cap, 500 when inference itself failed,
+    400 for anything else that is not a usable image."""
+    return {"too_large": 413, "inference_error": 500}.get(code, 400)
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+api = FastAPI(
+    title="c3ae_ray age estimation",
+    description="The age of every face in a photo (C3AE, Zhang et al., CVPR 2019) on Ray Serve.",
+    version="1",
+)
+
+
+@api.exception_handler(ApiError)
+async def _api_error(request: Request, error: ApiError):
+    return error_response(error.status, error.code, error.message, error.headers)
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, error: StarletteHTTPException):
+    codes = {404: "not_found", 405: "method_not_allowed"}
+    return error_response(error.status_code, codes.get(error.status_code, "http_error"), str(error.detail))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, error: RequestValidationError):
+    problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in error.errors())
+    return error_response(400, "bad_request", problems)
+
+
+@api.exception_handler(Exception)
+async def _unexpected(request: Request, error: Exception):
+    logger.exception("unexpected error")  # the traceback goes to the replica's log, never to the client
+    return error_response(500, "internal", "internal error; see the server log")
+
+
+@functools.cache
+def web_page() -> str:
+    return resources.files("c3ae_ray").joinpath("web/index.html").read_text()
+
+
+async def read_body(request: Request, cap: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to pass `cap` bytes (by its Content-Length, or
+    while it streams in)."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > cap:
+        raise ApiError(413, "body_too_large", f"the body is {int(declared):,} bytes; the cap is {cap:,}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > cap:
+            raise ApiError(413, "body_too_large", f"the body is over the cap of {cap:,} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_max_faces(value, limit: int) -> int:
+    if value is None or value == "":
+        return limit
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise ApiError(400, "bad_request", f"max_faces must be a whole number, got {value!r}") from None
+    if number < 1 or isinstance(value, float) and value != number:
+        raise ApiError(400, "bad_request", f"max_faces must be a whole number of at least 1, got {value!r}")
+    return min(number, limit)
+
+
+async def image_from_request(request: Request, body: bytes) -> tuple[bytes, object]:
+    """(encoded image, max_faces as given or None) from a raw image body, a multipart `file` field or JSON
+    `{"image": base64}`; anything else is 400 or 415."""
+    media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media_type in IMAGE_TYPES:
+        return body, request.query_params.get("max_faces")
+    if media_type == "application/json":
+        try:
+            document = json.loads(body)
+        except (ValueError, UnicodeDecodeError) as error:
+            raise ApiError(400, "bad_json", f"the body is not valid JSON: {error}") from None
+        if not isinstance(document, dict) or not isinstance(document.get("image"), str):
+            raise ApiError(400, "bad_json", 'expected a JSON object {"image": "<base64>"}')
+        try:
+            data = base64.b64decode(document["image"].split(",", 1)[-1] if document["image"].startswith("data:") else document["image"], validate=True)
+        except (binascii.Error, ValueError):
+            raise ApiError(400, "bad_base64", "the image field is not valid base64") from None
+        return data, document.get("max_faces", request.query_params.get("max_faces"))
+    if media_type == "multipart/form-data":
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(max_files=1, max_fields=8)
+        except Exception as error:
+            raise ApiError(400, "bad_multipart", f"the multipart body cannot be parsed: {error}") from None
+        upload = form.get("file")
+        if upload is None or isinstance(upload, str):
+            raise ApiError(400, "bad_multipart", "expected the image in a multipart file field named 'file'")
+        part_type = (upload.content_type or "").split(";")[0].strip().lower()
+        if part_type and part_type not in IMAGE_TYPES and part_type != "application/octet-stream":
+            raise ApiError(415, "unsupported_media_type", f"{part_type} is not supported; send {', '.join(IMAGE_TYPES)}")
+        return await upload.read(), form.get("max_faces", request.query_params.get("max_faces"))
+    raise ApiError(
+        415, "unsupported_media_type",
+        f"Content-Type {media_type or '(none)'} is not supported; send {', '.join(IMAGE_TYPES)}, "
+        "multipart/form-data (field 'file') or application/json ({\"image\": base64})",
+    )
+
+
+def face_json(face, bins: list[float]) -> dict:
+    answer = {
+        "box": [round(float(v), 1) for v in face.box],
+        "score": round(face.score, 4),
+        "age": round(face.age, 1),
+        "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],
+    }
+    if face.distribution is not None:
+        answer["age_distribution"] = {f"{b:g}": round(float(p), 4) for b, p in zip(bins, face.distribution)}
+    return answer

@@ -1,0 +1,160 @@
+"""The one Ray Data batch skeleton that preprocessing and scoring share:
+
+    listed items -> read tasks (each file's bytes; a failure becomes the row's error, never a failed block)
+      -> an actor pool (`PoolWorker` subclasses: decode, detect, maybe the model) -> Parquet in a staging folder
+      -> the stage's counts and summary -> published whole (`storage.publish`)
+
+A rerun into the same --out is refused unless --overwrite, and a crash never leaves files that look complete.
+"""
+
+from __future__ import annotations
+
+import math
+import posixpath
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from c3ae_ray import storage
+from c3ae_ray.images import DEFAULT_MAX_PIXELS
+from c3ae_ray.inference import ImageFailure, decode_all, release_free_memory
+from c3ae_ray.runtime import cluster_shape, pool_shape, ray_runtime
+
+MAX_FILE_BYTES = 256 * 2**20  # a larger file is an error row: no image under the pixel cap needs more
+
+
+def store_of(location: str) -> tuple[str, str]:
+    """'s3://bucket/key' -> ('s3://bucket', 'bucket/key'); a local path -> ('', absolute path)."""
+    if "://" not in location:
+        return "", str(Path(location).resolve())
+    scheme, rest = location.split("://", 1)
+    return f"{scheme}://{rest.split('/', 1)[0]}", rest
+
+
+def filesystems_for(locations: list[str]) -> dict[str, pafs.FileSystem]:
+    """{store: filesystem} for every store the locations name (read tasks get it pickled)."""
+    stores = {store_of(location)[0] for location in locations}
+    return {store: storage.resolve(store)[0] if store else pafs.LocalFileSystem() for store in stores}
+
+
+def read_files(batch: pa.Table, filesystems: dict[str, pafs.FileSystem]) -> pa.Table:
+    """Ray Data task: adds `data` (each file's bytes) and sets `error` ("code: detail") where a file cannot be
+    read; a row that has an error already is not read. Reads at most MAX_FILE_BYTES + 1 bytes of any file."""
+    given = batch.column("error").to_pylist() if "error" in batch.column_names else [None] * len(batch)
+    data, errors = [], []
+    for location, error in zip(batch.column("path").to_pylist(), given):
+        content = None
+        if error is None:
+            store, path = store_of(location)
+            try:
+                with filesystems[store].open_input_stream(path) as stream:
+                    content = stream.read(MAX_FILE_BYTES + 1)
+                if len(content) > MAX_FILE_BYTES:
+                    content, error = None, f"too_large: file over {MAX_FILE_BYTES // 2**20} MiB"
+            except Exception as failure:  # missing, a folder, no permission, a store error: the row says which
+                error = f"read_error: {type(failure).__name__}: {str(failure)[:200]}"
+        data.append(content)
+        errors.append(error)
+    others = [name for name in batch.column_names if name not in ("data", "error")]
+    return batch.select(others).append_column("data", pa.array(data, pa.binary())).append_column("error", pa.array(errors, pa.string()))
+
+
+def decoded_inputs(records: list[dict], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray | ImageFailure]:
+    """Read rows -> the inference path's inputs: an image, or the failure the row already carries."""
+    readable = [r for r in records if r["error"] is None]
+    decoded = iter(decode_all([r["data"] for r in readable], max_pixels))
+    return [ImageFailure(*r["error"].split(": ", 1)) if r["error"] is not None else next(decoded) for r in records]
+
+
+class PoolWorker:
+    """A Ray Data actor of the pool: one torch thread on CPU (the pool is sized by CPUs), and the heap handed
+    back every 16 batches (MTCNN fragments it). Subclasses turn a batch of read rows into output rows."""
+
+    def __init__(self, device: str):
+        if device == "cpu":
+            import torch
+
+            torch.set_num_threads(1)
+        self.calls = 0
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        self.calls += 1
+        if self.calls % 16 == 0:
+            release_free_memory()
+        return self.rows(batch.to_pylist())
+
+    def rows(self, records: list[dict]) -> pa.Table:
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class BatchJob:
+    """What one batch stage runs: its items through read tasks and a pool of `worker` actors, into Parquet."""
+
+    items: list[dict]  # one per input, with its "path" (a location) and an optional "error"
+    worker: type  # a PoolWorker; built with worker_kwargs and the device the pool runs on
+    worker_kwargs: dict
+    out: str
+    overwrite: bool
+    device: str  # auto, cpu or cuda
+    actors: int | None  # pool size; default from the cluster's CPUs or GPUs
+    batch_size: int
+    folder: str = ""  # where the Parquet goes inside the output
+    partition_cols: list[str] | None = None
+    filesystems: dict = field(default_factory=dict)  # {store: filesystem} the items' paths are read from
+
+
+def run_batch(job: BatchJob, summarize: Callable[[pafs.FileSystem, str, dict], dict]) -> dict:
+    """Run the job into a staging folder; `summarize(filesystem, staging, run)` reads what was written (run:
+    device, actors, pipeline_s) and returns the summary, which is published with the output. -> the summary."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    filesystem, out = storage.resolve(job.out)
+    storage.check_writable(filesystem, out, job.overwrite)
+    staging = storage.staging_path(out)
+    try:
+        with ray_runtime():
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            device, actors, cpus, gpus = pool_shape(cluster_shape(), job.device, job.actors)
+            blocks = min(len(job.items), max(8 * actors, math.ceil(len(job.items) / 1000)))
+            started = time.perf_counter()
+            (
+                ray.data.from_items(job.items, override_num_blocks=blocks)
+                .map_batches(read_files, fn_kwargs={"filesystems": job.filesystems}, batch_size=job.batch_size, batch_format="pyarrow")
+                .map_batches(
+                    job.worker,
+                    fn_constructor_kwargs={**job.worker_kwargs, "device": device},
+                    batch_size=job.batch_size,
+                    batch_format="pyarrow",
+                    compute=ActorPoolStrategy(size=actors),
+                    num_cpus=cpus,
+                    num_gpus=gpus,
+                )
+                .write_parquet(posixpath.join(staging, job.folder), filesystem=filesystem, partition_cols=job.partition_cols)
+            )
+            run = {"device": device, "actors": actors, "pipeline_s": round(time.perf_counter() - started, 2)}
+        summary = summarize(filesystem, staging, run)
+        storage.publish(filesystem, staging, out, summary, job.overwrite)
+        return summary
+    finally:
+        storage.delete_tree(filesystem, staging)
+
+
+def status_counts(filesystem: pafs.FileSystem, folder: str, error_status: str, columns: tuple[str, ...] = (),
+                  partitioning: str | None = None) -> tuple[Counter, dict, pa.Table]:
+    """From the written Parquet (small columns only): rows per status, the `error_status` rows per code (their
+    reason's text before ':'), and the table of status, reason and `columns`."""
+    import pyarrow.dataset as pads
+
+    data = pads.dataset(folder, filesystem=filesystem, format="parquet", partitioning=partitioning)
+    table = data.to_table(columns=["status", "reason", *columns])
+    statuses = table.column("status").to_pylist()
+    codes = Counter(reason.split(":", 1)[0] for status, reason in zip(statuses, table.column("reason").to_pylist()) if status == error_status)
+    return Counter(statuses), dict(codes), table

@@ -1,0 +1,116 @@
+"""The training loop without Ray: optimiser and schedule from the config, one epoch, one validation pass.
+
+`c3ae train` runs it inside Ray Train workers (batches from a Ray Data shard, sums all-reduced across
+workers); evaluation runs it inside Tune trials (batches from tensors held in memory). Both cut their crops
+with `augment.crop_batch` on the batch's device, so the model step is the same wherever it runs.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
+
+import torch
+
+from c3ae_ray.augment import AugmentConfig, crop_batch
+from c3ae_ray.metrics import error_sums, from_sums
+from c3ae_ray.model import C3AE, c3ae_loss
+
+if TYPE_CHECKING:
+    from c3ae_ray.train import TrainConfig
+
+LR_SCHEDULES = ("plateau", "cosine")
+
+
+def build_training(cfg: TrainConfig, init_state: dict | None, device) -> tuple[C3AE, torch.optim.Optimizer, object]:
+    """(model on `device`, Adam, its epoch-wise schedule) for a run's config; `init_state`: weights to start from."""
+    model = C3AE(cfg.model)
+    if init_state is not None:
+        model.load_state_dict(init_state)
+    model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    return model, optimizer, lr_scheduler(optimizer, cfg)
+
+
+def lr_scheduler(optimizer, cfg: TrainConfig):
+    """The epoch-wise learning-rate schedule; `step_schedule` advances it after each epoch.
+
+    Cosine annealing ends near 0 at the last epoch, so the last epochs average out the noise that a
+    plateau schedule leaves in the validation curve of this small model."""
+    if cfg.lr_schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.epochs)
+    return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience)
+
+
+def step_schedule(scheduler, monitored: float) -> None:
+    """One epoch done: a plateau schedule watches `monitored` (lower is better), cosine just advances."""
+    if isinstance(scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
+        scheduler.step(monitored)
+    else:
+        scheduler.step()
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """bfloat16 autocast pays off only with hardware support: AMX/AVX-512 BF16 on CPU, Ampere or newer on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def unwrap(model: torch.nn.Module) -> C3AE:
+    """The C3AE inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if hasattr(model, "module") else model
+
+
+def _batch_losses(model, batch: dict, augment: AugmentConfig | None, alpha: float, generator):
+    age_pred, distribution = model(crop_batch(batch["region"], batch["boxes"], augment, generator))
+    age_pred = age_pred.float()  # the loss in fp32 under bf16 autocast
+    distribution = distribution.float() if distribution is not None else None
+    return age_pred, c3ae_loss(unwrap(model), age_pred, distribution, batch["age"], alpha=alpha)
+
+
+def all_sum(values: list[float], device) -> list[float]:
+    """Sum per-worker totals across the data-parallel group (a no-op on one worker or without one)."""
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(tensor)
+    return tensor.tolist()
+
+
+def train_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, generator, device,
+                progress: Callable[[float], None] = lambda seen: None) -> dict:
+    """One pass over `batches` ({region, boxes, age} tensors on `device`); `progress(samples_seen)` after each."""
+    model.train()
+    totals = [0.0, 0.0, 0.0, 0.0]  # samples, loss, kl, l1 (sums over samples)
+    waited = 0.0  # seconds spent waiting for the next batch: high means the input pipeline is the bottleneck
+    use_bf16 = cfg.bf16 and bf16_supported(device)
+    asked = time.perf_counter()
+    for batch in batches:
+        waited += time.perf_counter() - asked
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            _, losses = _batch_losses(model, batch, cfg.augment, cfg.alpha, generator)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        n = len(batch["age"])
+        totals = [totals[0] + n, *(t + losses[k].item() * n for t, k in zip(totals[1:], ("total", "kl", "l1")))]
+        progress(totals[0])
+        asked = time.perf_counter()
+    n, loss, kl, l1 = all_sum(totals, device)
+    per = 1 / max(n, 1)
+    return {"train_samples": int(n), "train_loss": loss * per, "train_kl": kl * per, "train_l1": l1 * per, "data_wait_s": waited}
+
+
+@torch.no_grad()
+def validate(model, batches: Iterable[dict], cfg: TrainConfig, device) -> dict:
+    """Loss, MAE and CA(n) over `batches` in fp32 without augmentation, summed over the data-parallel group."""
+    model.eval()
+    sums = [0.0, 0.0, 0.0, *error_sums([])]  # samples, loss, kl, then the metric sums
+    for batch in batches:
+        age_pred, losses = _batch_losses(model, batch, None, cfg.alpha, None)
+        n = len(batch["age"])
+        batch_sums = [n, losses["total"].item() * n, losses["kl"].item() * n,
+                      *error_sums((age_pred - batch["age"]).abs().cpu().numpy())]
+        sums = [a + b for a, b in zip(sums, batch_sums)]
+    n, loss, kl, *metric_sums = all_sum(sums, device)
+    return {"val_samples": int(n), "val_loss": loss / max(n, 1), "val_kl": kl / max(n, 1), **from_sums(metric_sums, "val_")}
