@@ -193,7 +193,7 @@ def _add_preprocess(commands) -> None:
 
 
 def _add_train(commands) -> None:
-    from c3ae_ray.train import TrainConfig
+    from c3ae_ray.train import DATA_CACHES, TrainConfig
 
     (
         _Command(commands, "train", TrainConfig, _train, "preprocessed Parquet -> model.pt (Ray Train, data-parallel)",
@@ -215,6 +215,8 @@ def _add_train(commands) -> None:
         .flag("--no-se", "model.se", "no squeeze-and-excitation (the plain C3AE)", action="store_const", const=False)
         .flag("--no-augment", "augment", "train without augmentation", action="store_const", const=None)
         .flag("--seed", "seed", type=int)
+        .flag("--data-cache", "data_cache", "memory: each worker decodes its faces once and keeps them; stream: decode "
+              "every epoch; auto: memory up to 4 GiB per worker", choices=DATA_CACHES)
         .flag("--overwrite", "overwrite", "discard what --out holds and train from scratch", action="store_true")
     )
 

@@ -33,7 +33,7 @@ from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import build, check, to_dict
 from c3ae_ray.faces import FaceData, decode_regions, open_faces, read_faces
 from c3ae_ray.inference import predict_regions
-from c3ae_ray.loop import build_training, step_schedule, train_epoch
+from c3ae_ray.loop import batches_of, build_training, step_schedule, train_epoch
 from c3ae_ray.metrics import age_metrics
 from c3ae_ray.model import count_parameters
 from c3ae_ray.protocols import ABLATIONS, PROTOCOLS, aggregate, format_report, plan_trials, trial_rows
@@ -113,8 +113,7 @@ def run_trial(config: dict, setup: dict) -> None:
     trained_people = {faces["subject"][i] for i in spec["train"]} - {None}
     overlap = sum(faces["subject"][i] in trained_people for i in spec["test"])
     for epoch in range(1, cfg.epochs + 1):
-        order = train_rows[torch.randperm(len(train_rows), generator=shuffle)].to(device)
-        batches = ({"region": regions[b], "boxes": boxes[b], "age": ages[b]} for b in order.split(cfg.batch_size))
+        batches = batches_of({"region": regions, "boxes": boxes, "age": ages}, train_rows, cfg.batch_size, shuffle)
         record = train_epoch(model, optimizer, batches, cfg, generator, device)
         step_schedule(scheduler, record["train_l1"])
         report = {"epoch": epoch, "train_loss": record["train_loss"], "train_l1": record["train_l1"], "lr": optimizer.param_groups[0]["lr"]}

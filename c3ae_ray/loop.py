@@ -1,14 +1,15 @@
 """The training loop without Ray: optimiser and schedule from the config, one epoch, one validation pass.
 
-`c3ae train` runs it inside Ray Train workers (batches from a Ray Data shard, sums all-reduced across
-workers); evaluation runs it inside Tune trials (batches from tensors held in memory). Both cut their crops
-with `augment.crop_batch` on the batch's device, so the model step is the same wherever it runs.
+`c3ae train` runs it inside Ray Train workers (sums all-reduced across workers); evaluation runs it inside
+Tune trials. Both feed it from faces decoded once and held in memory (`batches_of`), or `c3ae train` from a
+Ray Data shard streamed every epoch when a worker's share is too large to hold. Both cut their crops with
+`augment.crop_batch` on the batch's device, so the model step is the same wherever it runs.
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator
 
 import torch
 
@@ -67,6 +68,15 @@ def _batch_losses(model, batch: dict, augment: AugmentConfig | None, alpha: floa
     age_pred = age_pred.float()  # the loss in fp32 under bf16 autocast
     distribution = distribution.float() if distribution is not None else None
     return age_pred, c3ae_loss(unwrap(model), age_pred, distribution, batch["age"], alpha=alpha)
+
+
+def batches_of(faces: dict, rows: torch.Tensor, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[dict]:
+    """Batches of the `rows` of `faces` ({region, boxes, age} tensors held in memory, on one device): in a fresh
+    random order drawn from `shuffle` (one call per epoch: a full shuffle that costs an index gather), else in order."""
+    if shuffle is not None:
+        rows = rows[torch.randperm(len(rows), generator=shuffle)]
+    for chunk in rows.to(faces["age"].device).split(batch_size):
+        yield {name: column[chunk] for name, column in faces.items()}
 
 
 def all_sum(values: list[float], device) -> list[float]:

@@ -1,8 +1,11 @@
 """Training: preprocessed Parquet -> Ray Train (V2) data-parallel workers -> RUN_DIR with model.pt.
 
 Ray Data reads the face rows, keeps the rows of the split (`faces.in_validation`) and decodes the region
-JPEGs; each worker streams its shard as tensors into `loop.train_epoch`, which cuts the three 64x64 crops on
-the worker's device (random box shift, rotation, flip, colour, erasing in one batched pass).
+JPEGs into each worker's shard. A worker whose share fits in memory (`data_cache`) takes it once, as uint8
+tensors on its device, and feeds every epoch from there in a fresh random order, so after the first load
+the cores go to the model; a larger share is streamed and decoded again every epoch, in a random block
+order through a local shuffle buffer. `loop.train_epoch` cuts the three 64x64 crops on the worker's device
+(random box shift, rotation, flip, colour, erasing in one batched pass).
 
 RUN_DIR (a local path or s3://...):
 
@@ -33,9 +36,9 @@ import torch
 from c3ae_ray import __version__, plots, storage
 from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import UserError, build, check, to_dict
-from c3ae_ray.crops import CropConfig
+from c3ae_ray.crops import N_SCALES, CropConfig
 from c3ae_ray.faces import TRAINING_COLUMNS, FaceData, decode_faces, open_faces
-from c3ae_ray.loop import LR_SCHEDULES, build_training, step_schedule, train_epoch, unwrap, validate
+from c3ae_ray.loop import LR_SCHEDULES, batches_of, build_training, step_schedule, train_epoch, unwrap, validate
 from c3ae_ray.model import C3AE, ModelConfig, load_model, save_model
 from c3ae_ray.runtime import cluster_shape, cpus_per_worker, ray_runtime
 
@@ -43,7 +46,10 @@ logger = logging.getLogger(__name__)
 CHECKPOINTS = "checkpoints"  # Ray Train's run name: RUN_DIR/checkpoints/
 STATE_FILE = "state.pt"
 # Settings a resumed run may change: where and how wide it runs, how long, and whether to start over.
-RESUMABLE_CHANGES = {"workers", "gpu", "epochs", "overwrite", "max_failures"}
+RESUMABLE_CHANGES = {"workers", "gpu", "epochs", "overwrite", "max_failures", "data_cache"}
+DATA_CACHES = ("auto", "memory", "stream")
+MEMORY_LIMIT_GIB = 4.0  # "auto" holds a worker's decoded faces in memory up to this size (21.7k UTKFace: 1.5 GiB)
+SHUFFLE_BUFFER = 2000  # rows a streaming worker mixes locally (about 140 MB of decoded regions)
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,9 @@ class TrainConfig:
     seed: int = 0
     bf16: bool = True  # bfloat16 autocast for training steps where the hardware supports it (validation stays fp32)
     max_failures: int = 3  # worker failures survived by restarting from the latest checkpoint
+    # "memory": each worker decodes its share of the faces once and keeps it for every epoch; "stream": decode
+    # every epoch (for shares too large to hold); "auto": memory when a worker's share is under MEMORY_LIMIT_GIB
+    data_cache: str = "auto"
     overwrite: bool = False  # discard what `out` holds and train from scratch
     model: ModelConfig = field(default_factory=ModelConfig)
     augment: AugmentConfig | None = field(default_factory=AugmentConfig)  # None: no augmentation
@@ -78,27 +87,71 @@ class TrainConfig:
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         check(self.learning_rate > 0, f"lr must be positive, got {self.learning_rate}")
         check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        check(self.data_cache in DATA_CACHES, f"data_cache must be one of {', '.join(DATA_CACHES)}, got {self.data_cache!r}")
 
     @property
     def learning_rate(self) -> float:
         return self.lr if self.lr is not None else (0.005 if self.model.se else 0.002)
 
 
-def face_dataset(data: FaceData, split: str | None, val_fraction: float, shuffle: bool):
+def face_dataset(data: FaceData, split: str | None, val_fraction: float, shuffle_blocks: bool):
+    """The decoded rows of one side of the split; `shuffle_blocks` reads the files' blocks in a new random order
+    on every pass (streamed training: the worker's local shuffle buffer mixes the rows within)."""
     import ray.data
 
     ds = ray.data.read_parquet(data.files, filesystem=data.filesystem).select_columns(TRAINING_COLUMNS)
-    if shuffle:
-        # A full shuffle of the compact rows (JPEG bytes) every epoch: preprocess writes rows in path order,
-        # which is age order for UTKFace, so block order plus a local buffer would still give one-age batches.
-        ds = ds.random_shuffle()
+    if shuffle_blocks:
+        ds = ds.randomize_block_order()
     return ds.map_batches(
         decode_faces, fn_kwargs={"split": split, "val_fraction": val_fraction, "crop": data.crop},
         batch_size=256, batch_format="pyarrow",
     )
 
 
+def shard_share_gib(cfg: TrainConfig, data: FaceData, data_summary: dict) -> float:
+    """Decoded regions (training and validation) one worker holds in memory."""
+    faces = data_summary["train"]["faces"] + data_summary["val"]["faces"]
+    return faces / cfg.workers * 3 * data.crop.region_size**2 / 2**30
+
+
+def in_memory(cfg: TrainConfig, share_gib: float) -> bool:
+    return cfg.data_cache == "memory" or (cfg.data_cache == "auto" and share_gib <= MEMORY_LIMIT_GIB)
+
+
 # --- the per-worker function: restore, then the loop epoch by epoch, reporting each ------------------------------
+
+
+def _load_shard(shard, device, region_size: int) -> dict:
+    """A worker's whole shard, decoded, as {region uint8, boxes, age} tensors on `device` (read once)."""
+    parts = [{"region": np.zeros((0, region_size, region_size, 3), np.uint8), "boxes": np.zeros((0, N_SCALES, 4), np.float32),
+              "age": np.zeros(0, np.float32)}]
+    parts += shard.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=4)
+    return {name: torch.from_numpy(np.concatenate([part[name] for part in parts])).to(device) for name in parts[0]}
+
+
+def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, device):
+    """(epoch -> training batches, () -> validation batches) from the shards: held in memory, or streamed."""
+    import ray.train
+
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
+    if not setup["in_memory"]:
+        return (
+            lambda epoch: train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, prefetch_batches=2,
+                                                         local_shuffle_buffer_size=SHUFFLE_BUFFER),
+            lambda: val_shard.iter_torch_batches(batch_size=256, device=device),
+        )
+    started = time.perf_counter()
+    train_faces, val_faces = (_load_shard(shard, device, setup["region_size"]) for shard in (train_shard, val_shard))
+    train_rows, val_rows = torch.arange(len(train_faces["age"])), torch.arange(len(val_faces["age"]))
+    if rank == 0:
+        held = sum(t.nbytes for faces in (train_faces, val_faces) for t in faces.values()) / 2**30
+        logger.info("decoded %d training and %d validation faces into memory in %.0f s (%.2f GiB per worker)",
+                    len(train_rows), len(val_rows), time.perf_counter() - started, held)
+    return (
+        # the same order for an epoch whether or not the run was resumed before it
+        lambda epoch: batches_of(train_faces, train_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1009 * rank + epoch)),
+        lambda: batches_of(val_faces, val_rows, 256),
+    )
 
 
 def _cpu_state(module_or_optimizer) -> dict:
@@ -142,16 +195,15 @@ def train_worker(setup: dict) -> None:
     generator = torch.Generator(device=device)
     generator.manual_seed(cfg.seed * 7919 + 1000 * rank + state["epoch"] + 100000 * state["attempt"])
     model = ray.train.torch.prepare_model(model)
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     if rank == 0 and state["epoch"]:
         logger.info("resuming after epoch %d (attempt %d)", state["epoch"], state["attempt"])
+    train_batches, val_batches = _epoch_feeds(setup, cfg, rank, device)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
-        batches = train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device)
         progress = _progress_logger(epoch, cfg.epochs, setup["train_faces"], world, rank, started)
-        record = train_epoch(model, optimizer, batches, cfg, generator, device, progress)
+        record = train_epoch(model, optimizer, train_batches(epoch), cfg, generator, device, progress)
         train_s = time.perf_counter() - started
-        record.update(validate(model, val_shard.iter_torch_batches(batch_size=256, device=device), cfg, device))
+        record.update(validate(model, val_batches(), cfg, device))
         record.update(epoch=epoch, attempt=state["attempt"], lr=optimizer.param_groups[0]["lr"],
                       samples_per_s=record["train_samples"] / train_s, epoch_s=time.perf_counter() - started)
         step_schedule(scheduler, record["val_mae"])
@@ -259,14 +311,18 @@ def train(cfg: TrainConfig) -> dict:
     resuming = storage.prepare_run_dir(
         filesystem, out, cfg.out, to_dict(cfg), cfg.overwrite, RESUMABLE_CHANGES, "training run"
     ) and storage.exists(filesystem, f"{out}/{CHECKPOINTS}")
+    share_gib = shard_share_gib(cfg, data, data_summary)
+    held = in_memory(cfg, share_gib)
     print(f"{'resuming' if resuming else 'training'} {cfg.out}: {data_summary['train']['faces']} training and "
           f"{data_summary['val']['faces']} validation faces, {cfg.epochs} epochs on {cfg.workers} "
-          f"{'GPU' if cfg.gpu else 'CPU'} worker(s)", flush=True)
+          f"{'GPU' if cfg.gpu else 'CPU'} worker(s); faces {'decoded once and held' if held else 'decoded every epoch'} "
+          f"({share_gib:.2f} GiB per worker, data_cache {cfg.data_cache})", flush=True)
     with ray_runtime():
         ray.data.DataContext.get_current().enable_progress_bars = False  # the epoch lines are the progress
         trainer = TorchTrainer(
             train_worker,
-            train_loop_config={"config": to_dict(cfg), "init_state": init_state, "train_faces": data_summary["train"]["faces"]},
+            train_loop_config={"config": to_dict(cfg), "init_state": init_state, "train_faces": data_summary["train"]["faces"],
+                               "in_memory": held, "region_size": data.crop.region_size},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=_worker_resources(cluster_shape(), cfg),
                 # GPU workers pack for fast NCCL; CPU workers spread over nodes for their cores and memory
@@ -279,7 +335,8 @@ def train(cfg: TrainConfig) -> dict:
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_mae", checkpoint_score_order="min"),
             ),
-            datasets={name: face_dataset(faces, split, cfg.val_fraction, name == "train") for name, (faces, split) in sources.items()},
+            datasets={name: face_dataset(faces, split, cfg.val_fraction, name == "train" and not held)
+                      for name, (faces, split) in sources.items()},
         )
         try:
             result = trainer.fit()

@@ -64,6 +64,45 @@ def test_a_config_round_trips_through_json_and_bad_settings_are_named():
         train_config(data="d", out="o", lr_schedule="step")
     with pytest.raises(UserError, match="augment.p_flip is a probability"):
         train_config(data="d", out="o", augment={"p_flip": 2})
+    with pytest.raises(UserError, match="data_cache must be one of auto, memory, stream, got 'disk'"):
+        train_config(data="d", out="o", data_cache="disk")
+
+
+def test_auto_holds_a_workers_faces_in_memory_up_to_the_limit_and_streams_larger_shares():
+    region_bytes = 3 * CropConfig().region_size ** 2
+    fits = int(train.MEMORY_LIMIT_GIB * 2**30 / region_bytes)  # faces one worker may hold
+    for faces, workers, cache, held in [(21_692, 1, "auto", True), (fits, 1, "auto", True), (fits + 1, 1, "auto", False),
+                                        (2 * fits, 2, "auto", True), (400_000, 4, "auto", False),
+                                        (400_000, 1, "memory", True), (100, 1, "stream", False)]:
+        cfg = train_config(data="d", out="o", workers=workers, data_cache=cache)
+        summary = {"train": {"faces": faces - faces // 10}, "val": {"faces": faces // 10}}
+        share = train.shard_share_gib(cfg, FaceDataStub(CropConfig()), summary)
+        assert share == pytest.approx(faces / workers * region_bytes / 2**30)
+        assert train.in_memory(cfg, share) is held, (faces, workers, cache)
+    assert from_command_line("--data", "d", "--out", "o", "--data-cache", "stream").data_cache == "stream"
+
+
+class FaceDataStub:
+    """What the size estimate reads of a FaceData: its crop geometry."""
+
+    def __init__(self, crop):
+        self.crop = crop
+
+
+def test_batches_held_in_memory_cover_each_row_once_in_a_new_order_per_epoch():
+    faces = {"region": torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 2, 2, 3),
+             "boxes": torch.arange(10.0).view(10, 1, 1).expand(10, 3, 4), "age": torch.arange(10.0)}
+    rows = torch.tensor([0, 2, 3, 5, 7, 8, 9])
+    in_order = list(loop.batches_of(faces, rows, 3))
+    assert [b["age"].tolist() for b in in_order] == [[0, 2, 3], [5, 7, 8], [9]]
+    assert all(torch.equal(b["region"][:, 0, 0, 0].float(), b["age"]) and torch.equal(b["boxes"][:, 0, 0], b["age"]) for b in in_order)
+    orders = []
+    for seed in (1, 2, 1):
+        epoch = list(loop.batches_of(faces, rows, 3, torch.Generator().manual_seed(seed)))
+        assert [len(b["age"]) for b in epoch] == [3, 3, 1]
+        orders.append(torch.cat([b["age"] for b in epoch]).tolist())
+        assert sorted(orders[-1]) == rows.float().tolist()
+    assert orders[0] == orders[2] != orders[1]  # an epoch's order depends on its seed alone
 
 
 @pytest.mark.parametrize("schedule", ["plateau", "cosine"])
