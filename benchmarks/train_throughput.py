@@ -96,8 +96,7 @@ def plain_loop(data_location: str, samples: int, batch_size: int) -> float:
     seen, started = 0, None
     while seen < samples:
         for crops, ages in loader:
-            age, distribution = model(crops)
-            loss = c3ae_loss(model, age, distribution, ages)["total"]
+            loss = c3ae_loss(model, model(crops), ages)["total"]
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -126,8 +125,8 @@ def batched_loop(data_location: str, device: str, samples: int, batch_size: int)
     while seen < samples:
         pick = torch.randint(0, len(ages), (batch_size,), device=device, generator=generator)
         with torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=use_bf16):
-            age, distribution = model(crop_batch(regions[pick], boxes[pick], AugmentConfig(), generator))
-        loss = c3ae_loss(model, age.float(), distribution.float(), ages[pick])["total"]
+            prediction = model(crop_batch(regions[pick], boxes[pick], AugmentConfig(), generator))
+        loss = c3ae_loss(model, prediction, ages[pick])["total"]
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -235,8 +234,9 @@ def main() -> None:
         print(f"c3ae train, {workers} CPU worker(s), data {data_mode}, val MAE {result['summary']['val_mae']:.2f} after "
               f"{args.epochs} epochs:", flush=True)
         for record in history:
-            print(f"    epoch {record['epoch']}: {record['epoch_s']:6.1f} s, {record['samples_per_s']:6.1f} samples/s, "
-                  f"waited for data {record.get('data_wait_s', float('nan')):5.1f} s, val MAE {record['val_mae']:.2f}")
+            print(f"    epoch {record['epoch']}: {record['epoch_s']:6.1f} s (+ {record.get('data_load_s', 0):.0f} s loading the faces), "
+                  f"{record['samples_per_s']:6.1f} samples/s, waited for data {record.get('data_wait_s', float('nan')):5.1f} s, "
+                  f"val MAE {record['val_mae']:.2f}")
         share = cpu["ray workers"] / max(cpu["trainer"], 1e-9)
         print(f"    from epoch 2: {rates[workers]:7.1f} samples/s = {rates[workers] / step:.2f}x the worker step"
               + (f" = {rates[workers] / baseline:.2f}x baseline" if baseline else ""))

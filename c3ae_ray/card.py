@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from c3ae_ray import plots, storage
 from c3ae_ray.config import UserError, build, to_dict
 from c3ae_ray.faces import decode_regions, open_faces, read_faces
 from c3ae_ray.inference import predict_regions
-from c3ae_ray.metrics import age_metrics, by_decade
+from c3ae_ray.metrics import age_metrics, by_decade, by_group, gender_metrics
 from c3ae_ray.model import BUNDLED_MODEL, ModelConfig, count_parameters, load_model
 from c3ae_ray.train import TrainConfig
 
@@ -32,19 +33,32 @@ TARGET_MAE = 5.5  # the project's goal for the bundled model on its held-out fac
 
 
 def measure(model_source, data_location: str, val_fraction: float) -> dict:
-    """Ages predicted in this process for the held-out faces of `data_location` -> metrics overall and by decade."""
+    """Ages (and genders, with a gender head) predicted in this process for the held-out faces of `data_location`
+    -> metrics overall, by decade, and by the dataset's gender and ethnicity labels and by source folder."""
     data = open_faces(data_location)
     faces = read_faces(data)
     index = np.flatnonzero(data.held_out(val_fraction))  # training's own split
     regions = decode_regions([faces["jpeg"][i] for i in index], [faces["path"][i] for i in index], data.crop.region_size)
     model, payload = load_model(model_source)
-    predicted = predict_regions(model, regions, faces["boxes"][index]).age
-    true = faces["age"][index]
+    outputs = predict_regions(model, regions, faces["boxes"][index])
+    predicted, p_female, true = outputs.age, outputs.p_female, faces["age"][index]
+    genders, ethnicities = ([faces[name][i] for i in index] for name in ("gender", "ethnicity"))
+    folders = [_folder(faces["path"][i], data.summary["root"]) for i in index]
     return {
-        **age_metrics(predicted, true), "by_decade": by_decade(predicted, true), "true": true, "predicted": predicted,
+        **age_metrics(predicted, true), **({} if p_female is None else gender_metrics(p_female, genders)),
+        "by_decade": by_decade(predicted, true, p_female, genders),
+        **{f"by_{name}": by_group(groups, predicted, true, p_female, genders)
+           for name, groups in (("gender", genders), ("ethnicity", ethnicities), ("folder", folders))},
+        "true": true, "predicted": predicted, "gender_head": p_female is not None,
         "train_faces": int(len(data.keys) - len(index)), "sha256": payload["sha256"], "parameters": count_parameters(model),
         "data": data.summary,
     }
+
+
+def _folder(path: str, root: str) -> str:
+    """The first folder under the dataset's root that holds the image ("." for the root itself)."""
+    relative = os.path.relpath(path, root)
+    return relative.split(os.sep, 1)[0] if os.sep in relative else "."
 
 
 def write_card(model_location: str, out: str, data_location: str | None = None) -> dict:
@@ -65,13 +79,20 @@ def write_card(model_location: str, out: str, data_location: str | None = None) 
 def _variant(cfg: ModelConfig) -> str:
     parts = [
         "context (three crops)" if cfg.context else "one crop (no context)",
-        f"the two-point cascade ({cfg.n_bins} bins, K = {cfg.interval:g})" if cfg.cascade else "plain regression (no cascade)",
+        (f"the two-point cascade ({cfg.n_bins} bins, K = {cfg.interval:g})" if cfg.label_encoding == "two_point" else
+         f"the cascade trained on a Gaussian label distribution (sigma {cfg.sigma:g} years; {cfg.n_bins} bins, K = {cfg.interval:g})")
+        if cfg.cascade else "plain regression (no cascade)",
         "squeeze-and-excitation" if cfg.se else "no squeeze-and-excitation",
     ]
     name = "The full C3AE" if cfg.context and cfg.cascade and cfg.se else "A C3AE variant"
     mirror = ("\nIt answers for each face the mean of two passes, the face and its mirror image (`mirror_average`;"
               "\nvalidation and this card measure it so).") if cfg.mirror_average else ""
-    return f"{name} of Zhang et al.\n(CVPR 2019), with {', '.join(parts[:-1])} and {parts[-1]}.{mirror}"
+    heads = ""
+    if cfg.gender_head or cfg.ethnicity_head:
+        named = ["a gender head (outputs gender and p_female)"] * cfg.gender_head + \
+                ["an ethnicity head (an auxiliary training task; never an output)"] * cfg.ethnicity_head
+        heads = f"\nBeside the age it has {' and '.join(named)}."
+    return f"{name} of Zhang et al.\n(CVPR 2019), with {', '.join(parts[:-1])} and {parts[-1]}.{mirror}{heads}"
 
 
 def _recipe(config: TrainConfig) -> str:
@@ -88,7 +109,8 @@ def _recipe(config: TrainConfig) -> str:
 
 def _card(file_name: str, cfg: ModelConfig, config: TrainConfig, meta: dict, m: dict, model_bytes: int) -> str:
     data, summary = meta["data"], m["data"]
-    rows = "\n".join(f"| {d['ages']} | {d['faces']} | {d['mae']:.2f} | {d['ca5']:.3f} |" for d in m["by_decade"])
+    gender = m["gender_head"]
+    rows = "\n".join(f"| {d['ages']} | {d['faces']} | {d['mae']:.2f} | {d['ca5']:.3f} |{_gender_cell(d, gender)}" for d in m["by_decade"])
     thin = ", ".join(d["ages"] for d in m["by_decade"] if d["faces"] < 20)
     hard = ", ".join(d["ages"] for d in m["by_decade"] if d["faces"] >= 20 and d["mae"] > 1.5 * m["mae"])
     worst = max(m["by_decade"], key=lambda d: d["mae"])
@@ -126,16 +148,16 @@ Default model of `c3ae predict`, `c3ae score` and `c3ae serve`: {'yes' if file_n
 | MAE | **{m['mae']:.2f} years** |
 | CA(3) / CA(5) / CA(7) | {m['ca3']:.3f} / {m['ca5']:.3f} / {m['ca7']:.3f} |
 | training's own validation MAE (best epoch) | {meta['val_mae']:.2f} |
-
+{_gender_line(m)}
 The project's target for the bundled model is MAE <= {TARGET_MAE} on these faces: this model
 {'meets it' if m['mae'] <= TARGET_MAE else 'does not meet it'}.
 
 Error by age decade ({PLOT}):
 
-| true ages | faces | MAE | CA(5) |
-|---|---|---|---|
+| true ages | faces | MAE | CA(5) |{' gender accuracy |' if gender else ''}
+|---|---|---|---|{'---|' if gender else ''}
 {rows}
-
+{_fairness(m)}
 ## Known weaknesses
 - Few held-out faces in {thin or 'no decade'} (under 20 each): those numbers are noisy, and the model has seen
   few such faces. Errors over 1.5 times the overall MAE: {hard or 'none'}. The largest error is at
@@ -158,6 +180,37 @@ python -m c3ae_ray.card --run runs/card-run --out CARD_DIR
 """
 
 
+def _gender_cell(row: dict, gender_head: bool) -> str:
+    if not gender_head:
+        return ""
+    return f" {row['gender_acc']:.3f} ({row['gender_faces']}) |" if row["gender_acc"] is not None else " - |"
+
+
+def _gender_line(m: dict) -> str:
+    if not m["gender_head"]:
+        return "| gender | no gender head: this model answers age only |\n"
+    acc = "no face with a known gender" if m["gender_acc"] is None else f"**{m['gender_acc']:.3f}**"
+    return f"| gender accuracy ({m['gender_faces']:,} faces with a known gender) | {acc} |\n"
+
+
+def _fairness(m: dict) -> str:
+    """Error (and gender accuracy) by the dataset's own gender and ethnicity labels, and by source folder:
+    groups the model must serve alike. A table with a single group says nothing and is left out."""
+    tables = []
+    for name, title in (("by_gender", "gender (the dataset's label)"), ("by_ethnicity", "ethnicity (the dataset's label)"),
+                        ("by_folder", "source folder")):
+        rows = m[name]
+        if len(rows) < 2:
+            continue
+        head = f"| {title} | faces | MAE | CA(5) |" + (" gender accuracy |" if m["gender_head"] else "")
+        line = "|---|---|---|---|" + ("---|" if m["gender_head"] else "")
+        body = "\n".join(f"| {r['group']} | {r['faces']} | {r['mae']:.2f} | {r['ca5']:.3f} |{_gender_cell(r, m['gender_head'])}" for r in rows)
+        tables.append(f"{head}\n{line}\n{body}")
+    if not tables:
+        return ""
+    return "\nBy group (fairness: the same model should serve every group alike):\n\n" + "\n\n".join(tables) + "\n"
+
+
 def _schedule(config: TrainConfig) -> str:
     if config.lr_schedule == "cosine":
         return "learning rate annealed to 0 on a cosine over the epochs"
@@ -177,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"c3ae_ray.card: error: {error}", file=sys.stderr)
         return 1
-    print(json.dumps({k: v for k, v in measured.items() if k not in ("true", "predicted", "by_decade", "data")}))
+    print(json.dumps({k: v for k, v in measured.items() if k not in ("true", "predicted", "data") and not k.startswith("by_")}))
     return 0
 
 

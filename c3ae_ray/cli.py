@@ -142,6 +142,8 @@ def _export(args) -> int:
     print(
         f"{summary['out']}: {summary['format']}, {summary['bytes']:,} bytes; against PyTorch the ages differ by at most "
         f"{summary['max_age_difference']:.2g} years, the distributions by {summary['max_distribution_difference']:.2g}"
+        + (f", p_female by {summary['max_p_female_difference']:.2g}" if "p_female" in summary["outputs"] else "")
+        + f"; outputs: {', '.join(summary['outputs'])}"
     )
     return 0
 
@@ -188,6 +190,8 @@ def _add_preprocess(commands) -> None:
         .flag("--mat-min-face-score", "mat_min_face_score", "IMDB-WIKI: minimum face_score from the .mat (negative: keep all)", type=_score_or_off)
         .flag("--keep-second-face", "drop_second_face", "IMDB-WIKI: keep images where the dataset saw a second face", action="store_const", const=False)
         .flag("--max-pixels", "max_pixels", "larger images are skipped", type=_positive_int)
+        .flag("--align", "crop.align", "rotate each face region so the eyes are level (MTCNN landmarks); models "
+              "trained on it align wherever they run", action="store_const", const=True)
         .flag("--overwrite", "overwrite", "replace an existing --out once the new one is complete", action="store_true")
     )
 
@@ -213,6 +217,10 @@ def _add_train(commands) -> None:
         .flag("--no-context", "model.context", "one crop (the largest) instead of three", action="store_const", const=False)
         .flag("--no-cascade", "model.cascade", "no two-point bins: plain regression", action="store_const", const=False)
         .flag("--no-se", "model.se", "no squeeze-and-excitation (the plain C3AE)", action="store_const", const=False)
+        .flag("--gender-head", "model.gender_head", "also predict gender (cross-entropy where the data has the label)",
+              action="store_const", const=True)
+        .flag("--ethnicity-head", "model.ethnicity_head", "train an ethnicity head as an auxiliary task (never an output)",
+              action="store_const", const=True)
         .flag("--no-augment", "augment", "train without augmentation", action="store_const", const=None)
         .flag("--seed", "seed", type=int)
         .flag("--data-cache", "data_cache", "memory: each worker decodes its faces once and keeps them; stream: decode "

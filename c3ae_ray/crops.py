@@ -11,8 +11,10 @@ Two steps, so that no stage can drift from another:
    and reflect padding (`grid_sample`), for a batch at once, with training's random geometry or without it.
 
 Context boxes are squares centred on the face box centre with sides `scales` x the box's longer side
-(1.0, 1.5, 2.0 by default: the paper gives no numbers and public ports disagree). Landmarks are not used:
-the paper's crops are unaligned, and MTCNN boxes are already centred on the face.
+(1.0, 1.5, 2.0 by default: the paper gives no numbers and public ports disagree). By default landmarks are
+not used: the paper's crops are unaligned, and MTCNN boxes are already centred on the face. With `align`
+(the seeds' MTCNN alignment) the region is rotated about the face box centre so that the eyes (MTCNN's
+first two landmarks) are level before anything is cut; the context boxes stay where they are in the region.
 
 The crop side is the network's input (64: its trunk ends in a 4x4 map), so it is fixed, and so is the number
 of scales (three, one per context); the scales' values and the margin are settings, stored with the data
@@ -40,6 +42,7 @@ class CropConfig:
     scales: tuple[float, ...] = (1.0, 1.5, 2.0)  # context box sides as multiples of the face box's longer side
     size: int = CROP_SIZE  # recorded in every file for its readers; any other value is refused
     margin: float = 0.1  # room on each side of the largest box, as a share of its side
+    align: bool = False  # rotate each region so the eyes are level (needs the face's landmarks)
 
     def __post_init__(self):
         check(self.size == CROP_SIZE, f"crop size is fixed at {CROP_SIZE} (the network's input), got {self.size}")
@@ -82,9 +85,22 @@ def _reflect_index(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(period < n, period, 2 * n - 1 - period)
 
 
-def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig()) -> tuple[np.ndarray, np.ndarray]:
-    """-> (region (R, R, 3) uint8, context boxes (len(scales), 4) float32 in the region's coordinates)."""
+def eye_angle(landmarks) -> float:
+    """Degrees the line from the left eye to the right eye (MTCNN's first two points) is turned from level;
+    positive when the right eye is lower (clockwise on screen)."""
+    points = np.asarray([] if landmarks is None else landmarks, dtype=np.float64).reshape(-1, 2)
+    if points.shape[0] < 2 or not np.all(np.isfinite(points[:2])):
+        raise ValueError(f"aligned crops need the face's landmarks (eyes first), got {landmarks!r}")
+    (lx, ly), (rx, ry) = points[:2]
+    return float(np.degrees(np.arctan2(ry - ly, rx - lx)))
+
+
+def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig(), landmarks=None) -> tuple[np.ndarray, np.ndarray]:
+    """-> (region (R, R, 3) uint8, context boxes (len(scales), 4) float32 in the region's coordinates).
+    `landmarks` (5 MTCNN points) are needed, and only used, when `cfg.align` is on."""
     image = to_rgb_uint8(image)
+    if cfg.align:
+        return _aligned_region(image, face_box, eye_angle(landmarks), cfg)
     x1, y1, side = region_bounds(face_box, cfg)
     height, width = image.shape[:2]
     rows = _reflect_index(np.arange(y1, y1 + side), height)
@@ -94,4 +110,31 @@ def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig()) -> t
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
     region = cv2.resize(patch, (size, size), interpolation=interpolation) if side != size else patch
     boxes = (context_boxes(face_box, cfg.scales) - [x1, y1, x1, y1]) * (size / side)
+    return np.ascontiguousarray(region), boxes.astype(np.float32)
+
+
+def _aligned_region(image: np.ndarray, face_box, angle: float, cfg: CropConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The region of `cut_region`, centred on the face box, turned by -angle so the eyes are level: a square
+    patch that holds the turned region is cut (reflect padding, as unaligned), shrunk with the area filter
+    where the region shrinks, then rotated and cut to R x R with bilinear interpolation."""
+    x1, y1, x2, y2 = _check_box(face_box)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    side = max(x2 - x1, y2 - y1) * max(cfg.scales) * (1 + 2 * cfg.margin)
+    size = cfg.region_size
+    outer = int(np.ceil(side * np.sqrt(2))) + 2  # holds the region at any angle
+    px1, py1 = int(np.floor(cx - outer / 2)), int(np.floor(cy - outer / 2))
+    height, width = image.shape[:2]
+    patch = np.take(np.take(image, _reflect_index(np.arange(py1, py1 + outer), height), axis=0),
+                    _reflect_index(np.arange(px1, px1 + outer), width), axis=1)
+    scale = min(1.0, size / side)  # shrink first with the area filter; the rotation then resamples at most 1:1
+    if scale < 1:
+        shrunk = max(1, round(outer * scale))
+        patch = cv2.resize(patch, (shrunk, shrunk), interpolation=cv2.INTER_AREA)
+        scale = shrunk / outer
+    centre = ((cx - px1) * scale, (cy - py1) * scale)  # the box centre in the patch
+    # patch -> region: rotate by `angle` about the box centre (levelling the eyes), scale to R / side, centre at R / 2
+    matrix = cv2.getRotationMatrix2D(centre, angle, size / (side * scale))
+    matrix[:, 2] += (size / 2 - centre[0], size / 2 - centre[1])
+    region = cv2.warpAffine(patch, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    boxes = (context_boxes(face_box, cfg.scales) - [cx - side / 2, cy - side / 2] * 2) * (size / side)
     return np.ascontiguousarray(region), boxes.astype(np.float32)

@@ -2,7 +2,7 @@
 
 Every reader yields the same record, whatever the layout:
 `{"path": absolute str, "dataset": str, "subject": str | None, "age": float | None, "gender": "female" |
-"male" | None}`. Readers drop only what the layout itself marks as unusable (a name that is not the
+"male" | None, "ethnicity": one of ETHNICITIES | None}` (ethnicity only where the layout labels it: UTKFace). Readers drop only what the layout itself marks as unusable (a name that is not the
 layout's, IMDB-WIKI's own face filters) and count each drop by reason; ages out of range and images that
 cannot be read are left for the pipeline to count. Files are not opened or stat-ed one by one, so a listing
 of IMDB's 460k entries stays quick and a missing image still shows up as a record.
@@ -12,7 +12,9 @@ Layouts:
 - `wiki` / `imdb`: `ROOT/wiki.mat` (or `imdb.mat`), the 1x1 struct of the IMDB-WIKI release, with ROOT the
   `wiki_crop` folder or its parent. Without the .mat, the file names `<id>_<YYYY-MM-DD>_<year>.jpg`
   (IMDB's `nm..._rm..._<Y-M-D>_<year>.jpg` too) give subject and age.
-- `utkface`: `AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg]`, gender 0 male, 1 female.
+- `utkface`: `AGE_GENDER_RACE_DATETIME.jpg[.chip.jpg]`, gender 0 male, 1 female; race 0-4 as ETHNICITIES.
+  The release's flawed names are kept: a space or no dot before `jpg`, and three fields instead of four
+  (a middle 0/1 is the gender, the race missing; 2-4 is the race, the gender missing).
 - `fgnet`: `PPPAaa[suffix].JPG`: subject PPP, age aa.
 - `folder`: any images; ages from an optional CSV `path,age[,subject]` (`csv=` or `ROOT/labels.csv`).
 """
@@ -35,10 +37,11 @@ from c3ae_ray.config import UserError
 
 DATASETS = ("wiki", "imdb", "utkface", "fgnet", "folder")
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"})
+ETHNICITIES = ("white", "black", "asian", "indian", "other")  # UTKFace's race field, 0-4
 MAT_FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_score", "second_face_score")
 # IMDB-WIKI file names: wiki `10000217_1981-05-05_2009.jpg`, imdb `nm0000001_rm124825600_1899-5-10_1968.jpg`.
 IMDB_WIKI_NAME = re.compile(r"([^_]+)(?:_[^_]+)?_(\d{1,4})-(\d{1,2})-(\d{1,2})_(\d{4})\.jpg", re.IGNORECASE)
-UTKFACE_NAME = re.compile(r"([0-9]+(?:_[^.]*)?)\.jpg(?:\.chip\.jpg)?", re.IGNORECASE)
+UTKFACE_NAME = re.compile(r"([0-9]+(?:_[0-9]+)*) ?\.?jpg(?:\.chip\.jpg)?", re.IGNORECASE)
 FGNET_NAME = re.compile(r"(\d{3})a(\d{2})[a-z]*\.jpg", re.IGNORECASE)
 
 
@@ -86,8 +89,8 @@ def read_dataset(
     return Listing(dataset=dataset, root=root, records=records, skipped=dict(skipped), labelled=labelled)
 
 
-def _record(path, dataset: str, subject: str | None, age: float | None, gender: str | None) -> dict:
-    return {"path": str(path), "dataset": dataset, "subject": subject, "age": age, "gender": gender}
+def _record(path, dataset: str, subject: str | None, age: float | None, gender: str | None, ethnicity: str | None = None) -> dict:
+    return {"path": str(path), "dataset": dataset, "subject": subject, "age": age, "gender": gender, "ethnicity": ethnicity}
 
 
 def _image_files(root: Path) -> list[Path]:
@@ -200,12 +203,17 @@ def _read_imdb_wiki_names(dataset, root: Path, skipped: Counter) -> list[dict]:
 
 
 def _read_utkface(root: Path, skipped: Counter) -> list[dict]:
-    """Names carry AGE_GENDER_RACE_DATETIME; a few real ones lack a field, so then only the age is trusted."""
+    """Names carry AGE_GENDER_RACE_DATETIME; a few real ones lack the race or the gender (see the module doc)."""
+    genders, races = {"0": "male", "1": "female"}, dict(enumerate(ETHNICITIES))
 
     def to_record(path: Path, match: re.Match) -> dict:
         fields = match[1].split("_")
-        gender = {"0": "male", "1": "female"}.get(fields[1]) if len(fields) == 4 else None
-        return _record(path, "utkface", None, float(fields[0]), gender)
+        gender = ethnicity = None
+        if len(fields) == 4:
+            gender, ethnicity = genders.get(fields[1]), races.get(int(fields[2]))
+        elif len(fields) == 3:
+            gender, ethnicity = genders.get(fields[1]), None if fields[1] in genders else races.get(int(fields[1]))
+        return _record(path, "utkface", None, float(fields[0]), gender, ethnicity)
 
     return _read_by_name(root, UTKFACE_NAME, to_record, skipped, "UTKFace images (AGE_GENDER_RACE_DATETIME.jpg)")
 

@@ -13,7 +13,7 @@ OUT (a local path or s3://...):
     trials/             the Tune experiment (a rerun restores it: finished trials are kept)
     summary.json        written last: protocol, counts, MAE mean/std, pooled MAE and CA(3/5/7), per-trial rows
     report.md           the same as Markdown tables (the CLI prints it)
-    predictions.csv     one row per test face per trial: true and predicted age
+    predictions.csv     one row per test face per trial: true and predicted age, the face's gender label and p_female
     trial_mae.png, pred_vs_true.png, error_by_decade.png
 """
 
@@ -31,12 +31,13 @@ import torch
 from c3ae_ray import __version__, plots, storage
 from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import build, check, to_dict
-from c3ae_ray.faces import FaceData, decode_regions, open_faces, read_faces
+from c3ae_ray.datasets import ETHNICITIES
+from c3ae_ray.faces import FaceData, class_codes, decode_regions, open_faces, read_faces
 from c3ae_ray.inference import predict_regions
 from c3ae_ray.loop import batches_of, build_training, step_schedule, train_epoch
 from c3ae_ray.metrics import age_metrics
-from c3ae_ray.model import count_parameters
-from c3ae_ray.protocols import ABLATIONS, PROTOCOLS, aggregate, format_report, plan_trials, trial_rows
+from c3ae_ray.model import GENDERS, count_parameters
+from c3ae_ray.protocols import ABLATIONS, PAPER_ABLATIONS, PROTOCOLS, aggregate, format_report, plan_trials, trial_rows
 from c3ae_ray.runtime import ray_runtime
 from c3ae_ray.train import TrainConfig, initial_weights
 
@@ -57,7 +58,7 @@ class EvalConfig:
     test_size: int = 30  # splits: test images per split (the paper's 30 of FG-NET's 1,002)
     by_subject: bool = False  # splits: the test part is whole people
     seeds: int = 3  # ablation: trials per variant
-    variants: tuple[str, ...] = tuple(ABLATIONS)  # ablation
+    variants: tuple[str, ...] = PAPER_ABLATIONS  # ablation; also +gender, +gender+ethnicity (protocols.ABLATIONS)
     test_fraction: float = 0.1  # ablation: share held out by a hash of subject or path, as in training
     init_from: str | None = None  # fine-tune every trial from this model.pt (splits, lopo)
     epochs: int = 30  # per trial
@@ -103,9 +104,13 @@ def run_trial(config: dict, setup: dict) -> None:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    regions = torch.from_numpy(decode_regions(faces["jpeg"], faces["path"], setup["region_size"])).to(device)
-    boxes = torch.tensor(faces["boxes"], device=device)  # a copy: arrays from the object store are read-only
-    ages = torch.tensor(faces["age"], device=device)
+    held = {
+        "region": torch.from_numpy(decode_regions(faces["jpeg"], faces["path"], setup["region_size"])).to(device),
+        "boxes": torch.tensor(faces["boxes"], device=device),  # a copy: arrays from the object store are read-only
+        "age": torch.tensor(faces["age"], device=device),
+        "gender": torch.from_numpy(class_codes(faces["gender"], GENDERS)).to(device),
+        "ethnicity": torch.from_numpy(class_codes(faces["ethnicity"], ETHNICITIES)).to(device),
+    }
     model, optimizer, scheduler = build_training(cfg, setup["init_state"], device)
     train_rows, test_rows = torch.as_tensor(spec["train"]), torch.as_tensor(spec["test"], device=device)
     # Test faces whose person this trial trains on: 0 by construction for lopo and --by-subject, and the
@@ -113,12 +118,15 @@ def run_trial(config: dict, setup: dict) -> None:
     trained_people = {faces["subject"][i] for i in spec["train"]} - {None}
     overlap = sum(faces["subject"][i] in trained_people for i in spec["test"])
     for epoch in range(1, cfg.epochs + 1):
-        batches = batches_of({"region": regions, "boxes": boxes, "age": ages}, train_rows, cfg.batch_size, shuffle)
+        batches = batches_of(held, train_rows, cfg.batch_size, shuffle)
         record = train_epoch(model, optimizer, batches, cfg, generator, device)
         step_schedule(scheduler, record["train_l1"])
         report = {"epoch": epoch, "train_loss": record["train_loss"], "train_l1": record["train_l1"], "lr": optimizer.param_groups[0]["lr"]}
         if epoch == cfg.epochs:
-            predicted = predict_regions(model, regions[test_rows], boxes[test_rows]).age
+            outputs = predict_regions(model, held["region"][test_rows], held["boxes"][test_rows])
+            predicted = outputs.age
+            if outputs.p_female is not None:
+                report["p_female"] = outputs.p_female.round(4).tolist()
             report.update(age_metrics(predicted, faces["age"][spec["test"]]), predicted=predicted.round(3).tolist(),
                           train_faces=record["train_samples"], parameters=count_parameters(model), subject_overlap=overlap)
         tune.report(report)
@@ -246,7 +254,7 @@ def _summarize(cfg: EvalConfig, data: FaceData, rows, predictions, init_provenan
 
 def _write_report(filesystem, out: str, summary: dict, predictions: list[dict]) -> None:
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=["trial", "group", "path", "subject", "age", "predicted"])
+    writer = csv.DictWriter(text, fieldnames=["trial", "group", "path", "subject", "age", "predicted", "gender", "p_female"])
     writer.writeheader()
     writer.writerows(predictions)
     groups = {g: (np.array([p["age"] for p in predictions if p["group"] == g]), np.array([p["predicted"] for p in predictions if p["group"] == g]))

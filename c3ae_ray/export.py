@@ -1,8 +1,9 @@
 """`c3ae export`: a model file as ONNX or TorchScript for runtimes without this package.
 
 Input: `crops`, uint8 (N, 3 scales, 3 channels, 64, 64) with raw 0..255 values, cut as `c3ae_ray.crops`
-cuts them (smallest scale first); any N. Outputs: `age` (N,) in years and `distribution` (N, bins) over the
-ages 0, 10, ..., 110. Every export is checked against PyTorch on random crops before it is reported.
+cuts them (smallest scale first); any N. Outputs: `age` (N,) in years, `distribution` (N, bins) over the
+model's age bins, and for a model with a gender head `p_female` (N,). Every export is checked against
+PyTorch on random crops before it is reported.
 """
 
 from __future__ import annotations
@@ -23,17 +24,20 @@ FORMATS = ("onnx", "torchscript")
 PARITY_YEARS = 1e-4  # the largest age difference from PyTorch an export may have
 
 
-class AgeAndDistribution(torch.nn.Module):
-    """The model in eval mode with both outputs always present (exports need a fixed output list)."""
+class Exported(torch.nn.Module):
+    """The model in eval mode with a fixed list of outputs (exports need one): age and distribution, and
+    p_female where the model has a gender head. The ethnicity head, a training aid, is never exported."""
 
     def __init__(self, model):
         super().__init__()
         if not model.cfg.cascade:
             raise UserError("only a model with the two-point cascade has a distribution to export")
         self.model = model.eval()
+        self.outputs = ["age", "distribution"] + ["p_female"] * model.cfg.gender_head
 
-    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model(crops)
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prediction = self.model(crops)
+        return (prediction.age, prediction.distribution) + ((prediction.p_female(),) if self.model.cfg.gender_head else ())
 
 
 def export_model(model_source, fmt: str, out: str) -> dict:
@@ -41,7 +45,7 @@ def export_model(model_source, fmt: str, out: str) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, payload = load_model(model_source)
-    wrapper = AgeAndDistribution(model).eval()
+    wrapper = Exported(model).eval()
     example = torch.randint(0, 256, (2, *INPUT_SHAPE), dtype=torch.uint8)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():
@@ -49,46 +53,42 @@ def export_model(model_source, fmt: str, out: str) -> dict:
             torch.jit.trace(wrapper, example).save(out)
         else:
             _export_onnx(wrapper, example, out)
-    age_diff, distribution_diff = parity(wrapper, fmt, out)
-    if age_diff > PARITY_YEARS:
-        raise RuntimeError(f"the {fmt} export differs from PyTorch by {age_diff:.2g} years (over {PARITY_YEARS:g})")
+    differences = parity(wrapper, fmt, out)
+    if differences["age"] > PARITY_YEARS:
+        raise RuntimeError(f"the {fmt} export differs from PyTorch by {differences['age']:.2g} years (over {PARITY_YEARS:g})")
     return {
-        "model": str(model_source), "sha256": payload["sha256"], "format": fmt, "out": out,
-        "bytes": Path(out).stat().st_size, "max_age_difference": age_diff, "max_distribution_difference": distribution_diff,
+        "model": str(model_source), "sha256": payload["sha256"], "format": fmt, "out": out, "outputs": wrapper.outputs,
+        "bytes": Path(out).stat().st_size, **{f"max_{name}_difference": value for name, value in differences.items()},
     }
 
 
-def _export_onnx(wrapper: torch.nn.Module, example: torch.Tensor, out: str) -> None:
+def _export_onnx(wrapper: Exported, example: torch.Tensor, out: str) -> None:
     # torch's exporter needs onnxscript; the parity check runs the export in onnxruntime.
     if any(importlib.util.find_spec(name) is None for name in ("onnxscript", "onnxruntime")):
         raise UserError("ONNX export needs the export extra: pip install 'c3ae-ray[export]'")
     torch.onnx.export(
-        wrapper, (example,), out, input_names=["crops"], output_names=["age", "distribution"],
+        wrapper, (example,), out, input_names=["crops"], output_names=wrapper.outputs,
         dynamic_shapes={"crops": {0: torch.export.Dim("batch")}}, dynamo=True, external_data=False, verbose=False,
     )
 
 
-def run_export(fmt: str, path: str, crops: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Run an exported file the way its users would: onnxruntime for ONNX, torch.jit.load for TorchScript."""
+def run_export(fmt: str, path: str, crops: np.ndarray, outputs: list[str]) -> dict[str, np.ndarray]:
+    """Run an exported file the way its users would (onnxruntime for ONNX, torch.jit.load for TorchScript)
+    -> {output name: array}."""
     if fmt == "onnx":
         import onnxruntime
 
         session = onnxruntime.InferenceSession(path, providers=["CPUExecutionProvider"])
-        age, distribution = session.run(["age", "distribution"], {"crops": crops})
-        return age, distribution
+        return dict(zip(outputs, session.run(outputs, {"crops": crops})))
     loaded = torch.jit.load(path)
     with torch.inference_mode():
-        age, distribution = loaded(torch.from_numpy(crops))
-    return age.numpy(), distribution.numpy()
+        return {name: value.numpy() for name, value in zip(outputs, loaded(torch.from_numpy(crops)))}
 
 
-def parity(wrapper: torch.nn.Module, fmt: str, path: str, n: int = 17, seed: int = 0) -> tuple[float, float]:
-    """Largest |difference| in age (years) and in distribution between the export and PyTorch on n random crops."""
+def parity(wrapper: Exported, fmt: str, path: str, n: int = 17, seed: int = 0) -> dict[str, float]:
+    """Largest |difference| of each output between the export and PyTorch on n random crops."""
     crops = np.random.default_rng(seed).integers(0, 256, (n, *INPUT_SHAPE), dtype=np.uint8)
-    age, distribution = run_export(fmt, path, crops)
+    exported = run_export(fmt, path, crops, wrapper.outputs)
     with torch.inference_mode():
-        expected_age, expected_distribution = wrapper(torch.from_numpy(crops))
-    return (
-        float(np.abs(age - expected_age.numpy()).max()),
-        float(np.abs(distribution - expected_distribution.numpy()).max()),
-    )
+        expected = wrapper(torch.from_numpy(crops))
+    return {name: float(np.abs(exported[name] - value.numpy()).max()) for name, value in zip(wrapper.outputs, expected)}

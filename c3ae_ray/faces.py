@@ -18,6 +18,8 @@ import pyarrow as pa
 from c3ae_ray import storage
 from c3ae_ray.config import UserError, build
 from c3ae_ray.crops import N_SCALES, CropConfig
+from c3ae_ray.datasets import ETHNICITIES
+from c3ae_ray.model import GENDERS, UNKNOWN
 
 STATUSES = ("kept", "no_face", "multi_face", "bad_age", "unreadable")  # what became of each image
 SCHEMA = pa.schema(
@@ -27,6 +29,7 @@ SCHEMA = pa.schema(
         ("subject", pa.string()),  # person id where the dataset has one (FG-NET, IMDB), else null
         ("age", pa.float32()),  # years; null only for an unlabelled folder
         ("gender", pa.string()),  # "female", "male" or null, one convention for every dataset
+        ("ethnicity", pa.string()),  # datasets.ETHNICITIES (UTKFace) or null: for fairness tables and auxiliary training
         ("status", pa.string()),  # partition column: it names the folder, not a column in the files
         ("reason", pa.string()),  # why an image was not kept ("code: detail"); null for kept faces
         ("n_faces", pa.int16()),  # faces over the score threshold; null when the image was not read
@@ -40,6 +43,7 @@ SCHEMA = pa.schema(
     ]
 )
 TRAINING_COLUMNS = ["path", "subject", "age", "region_jpeg", "region_boxes"]
+LABEL_COLUMNS = ["gender", "ethnicity"]  # read where present: outputs of older versions lack ethnicity
 
 
 def in_validation(key: str, fraction: float) -> bool:
@@ -70,18 +74,27 @@ def region_boxes(column: list, count: int) -> np.ndarray:
     return np.asarray(column, dtype=np.float32).reshape(count, N_SCALES, 4)
 
 
+def class_codes(values: list, classes: tuple) -> np.ndarray:
+    """Labels -> their index in `classes` (int64), UNKNOWN for a missing or unknown one: the heads' targets."""
+    index = {name: i for i, name in enumerate(classes)}
+    return np.asarray([index.get(value, UNKNOWN) for value in values], dtype=np.int64)
+
+
 def decode_faces(batch: pa.Table, split: str | None, val_fraction: float, crop: CropConfig) -> dict:
-    """A pyarrow batch of face rows -> numpy columns region (n, R, R, 3) uint8, boxes (n, 3, 4), age (n,).
+    """A pyarrow batch of face rows -> numpy columns region (n, R, R, 3) uint8, boxes (n, 3, 4), age (n,),
+    gender and ethnicity (n,) class codes (UNKNOWN where the label or the column is missing).
 
     `split` "train"/"val" keeps that side of the hash split; None keeps every row.
     """
-    rows = batch.select(TRAINING_COLUMNS).to_pylist()
+    rows = batch.select([name for name in TRAINING_COLUMNS + LABEL_COLUMNS if name in batch.column_names]).to_pylist()
     if split is not None:
         rows = [r for r in rows if in_validation(split_key(r["path"], r["subject"]), val_fraction) == (split == "val")]
     return {
         "region": decode_regions([r["region_jpeg"] for r in rows], [r["path"] for r in rows], crop.region_size),
         "boxes": region_boxes([r["region_boxes"] for r in rows], len(rows)),
         "age": np.asarray([r["age"] for r in rows], dtype=np.float32),
+        "gender": class_codes([r.get("gender") for r in rows], GENDERS),
+        "ethnicity": class_codes([r.get("ethnicity") for r in rows], ETHNICITIES),
     }
 
 
@@ -96,6 +109,7 @@ class FaceData:
     keys: list[str]
     ages: np.ndarray
     summary: dict  # the preprocess summary: dataset, root, counts
+    columns: list[str]  # what training reads: TRAINING_COLUMNS and the LABEL_COLUMNS the files have
 
     def describe(self, mask: np.ndarray | None = None) -> dict:
         ages = self.ages if mask is None else self.ages[mask]
@@ -111,10 +125,14 @@ class FaceData:
         """Which rows the hash split holds out for validation."""
         return np.array([in_validation(key, fraction) for key in self.keys], dtype=bool)
 
-    def read(self, columns: list[str] = TRAINING_COLUMNS) -> pa.Table:
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """The given columns, by default those training reads."""
+        return self._dataset().to_table(columns=columns or self.columns)
+
+    def _dataset(self):
         import pyarrow.dataset as pads
 
-        return pads.dataset(self.files, filesystem=self.filesystem, format="parquet").to_table(columns=columns)
+        return pads.dataset(self.files, filesystem=self.filesystem, format="parquet")
 
 
 def open_faces(location: str) -> FaceData:
@@ -125,7 +143,9 @@ def open_faces(location: str) -> FaceData:
     files = [f for f in storage.files_under(filesystem, f"{path}/faces") if f.endswith(".parquet")]
     if not files:
         raise UserError(f"{location} has no face rows")
-    data = FaceData(location, files, filesystem, build(CropConfig, summary["crop"], f"{location} crop"), [], np.zeros(0), summary)
+    data = FaceData(location, files, filesystem, build(CropConfig, summary["crop"], f"{location} crop"), [], np.zeros(0), summary, [])
+    present = data._dataset().schema.names
+    data.columns = TRAINING_COLUMNS + [name for name in LABEL_COLUMNS if name in present]
     table = data.read(["path", "subject", "age"])
     unlabelled = int(table.column("age").null_count)
     if unlabelled:
@@ -136,9 +156,11 @@ def open_faces(location: str) -> FaceData:
 
 
 def read_faces(data: FaceData) -> dict:
-    """Every face's training columns as plain arrays (evaluation puts them in the object store once)."""
+    """Every face's training columns and labels as plain arrays (evaluation puts them in the object store once)."""
     table = data.read()
+    labels = {name: table.column(name).to_pylist() if name in table.column_names else [None] * len(table) for name in LABEL_COLUMNS}
     return {
+        **labels,
         "path": table.column("path").to_pylist(),
         "subject": table.column("subject").to_pylist(),
         "age": table.column("age").to_numpy(zero_copy_only=False).astype(np.float32),

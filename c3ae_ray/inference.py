@@ -63,6 +63,7 @@ class Outputs:
 
     age: np.ndarray  # (n,) years, >= 0
     distribution: np.ndarray | None  # (n, bins); None for a model without the cascade
+    p_female: np.ndarray | None = None  # (n,) probability; None for a model without the gender head
 
     def part(self, start: int, end: int) -> "Outputs":
         return Outputs(*(None if value is None else value[start:end] for value in self._values()))
@@ -86,6 +87,8 @@ class Face:
     landmarks: np.ndarray  # (5, 2): eyes, nose, mouth corners
     age: float
     distribution: np.ndarray | None  # over the model's bins
+    p_female: float | None  # None without a gender head
+    gender: str | None  # "female" when p_female >= 0.5, else "male"; None without a gender head
 
 
 @dataclass(frozen=True)
@@ -130,7 +133,7 @@ class FaceFinder:
         if isinstance(faces, Exception):
             return ImageFailure.of(faces)
         try:
-            cut = [cut_region(image, box, self.crop) for box in faces.boxes[:max_faces]]
+            cut = [cut_region(image, box, self.crop, points) for box, points in zip(faces.boxes[:max_faces], faces.landmarks)]
         except Exception as error:  # a box the geometry refuses: this image's failure, not the batch's
             return ImageFailure.of(error)
         regions, boxes = (np.stack([r for r, _ in cut]), np.stack([b for _, b in cut])) if cut else no_regions(self.crop)
@@ -143,12 +146,14 @@ def predict_regions(model: C3AE, regions, boxes, batch_size: int = 256) -> Outpu
     device = next(model.parameters()).device
     regions, boxes = torch.as_tensor(regions, device=device), torch.as_tensor(boxes, device=device)
     model.eval()
-    parts = [Outputs(np.zeros(0, np.float32), np.zeros((0, model.cfg.n_bins), np.float32) if model.cfg.cascade else None)]
+    cfg = model.cfg
+    parts = [Outputs(np.zeros(0, np.float32), np.zeros((0, cfg.n_bins), np.float32) if cfg.cascade else None,
+                     np.zeros(0, np.float32) if cfg.gender_head else None)]
     with torch.inference_mode():
         for start in range(0, len(regions), batch_size):
-            age, distribution = model(crop_batch(regions[start:start + batch_size], boxes[start:start + batch_size]))
-            parts.append(Outputs(age.float().clamp_min(0).cpu().numpy(),
-                                 None if distribution is None else distribution.float().cpu().numpy()))
+            prediction = model(crop_batch(regions[start:start + batch_size], boxes[start:start + batch_size]))
+            parts.append(Outputs(*(None if value is None else value.float().cpu().numpy() for value in
+                                   (prediction.age.clamp_min(0), prediction.distribution, prediction.p_female()))))
     return Outputs.join(parts)
 
 
@@ -186,7 +191,9 @@ def attach(found: list[FaceRegions | ImageFailure], outputs: Outputs) -> list[Im
 
 def _face_outputs(outputs: Outputs, index: int) -> dict:
     values = outputs.face(index)
-    return {**values, "age": float(values["age"])}
+    p_female = None if values["p_female"] is None else float(values["p_female"])
+    gender = None if p_female is None else "female" if p_female >= 0.5 else "male"
+    return {**values, "age": float(values["age"]), "p_female": p_female, "gender": gender}
 
 
 def no_regions(crop: CropConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -15,7 +15,7 @@ import torch
 
 from c3ae_ray.augment import AugmentConfig, crop_batch
 from c3ae_ray.metrics import error_sums, from_sums
-from c3ae_ray.model import C3AE, c3ae_loss
+from c3ae_ray.model import UNKNOWN, C3AE, c3ae_loss, load_weights
 
 if TYPE_CHECKING:
     from c3ae_ray.train import TrainConfig
@@ -27,8 +27,10 @@ def build_training(cfg: TrainConfig, init_state: dict | None, device) -> tuple[C
     """(model on `device`, Adam, its epoch-wise schedule) for a run's config; `init_state`: weights to start from."""
     model = C3AE(cfg.model)
     if init_state is not None:
-        model.load_state_dict(init_state)
-    model.to(device)
+        load_weights(model, init_state)
+    # Convolution weights in the channels-last layout the forward pass runs in: their gradients come out in it
+    # too, so DDP's gradient buckets match them (no stride warning, no copy per step).
+    model.to(device, memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     return model, optimizer, lr_scheduler(optimizer, cfg)
 
@@ -63,11 +65,19 @@ def unwrap(model: torch.nn.Module) -> C3AE:
     return model.module if hasattr(model, "module") else model
 
 
-def _batch_losses(model, batch: dict, augment: AugmentConfig | None, alpha: float, generator):
-    age_pred, distribution = model(crop_batch(batch["region"], batch["boxes"], augment, generator))
-    age_pred = age_pred.float()  # the loss in fp32 under bf16 autocast
-    distribution = distribution.float() if distribution is not None else None
-    return age_pred, c3ae_loss(unwrap(model), age_pred, distribution, batch["age"], alpha=alpha)
+def _batch_losses(model, batch: dict, cfg: TrainConfig, augment: AugmentConfig | None, generator):
+    """-> (the prediction, its loss parts); the loss runs in fp32 under bf16 autocast. A batch without gender or
+    ethnicity labels trains those heads on nothing."""
+    prediction = model(crop_batch(batch["region"], batch["boxes"], augment, generator))
+    losses = c3ae_loss(unwrap(model), prediction, batch["age"], alpha=cfg.alpha, gender=batch.get("gender"),
+                       ethnicity=batch.get("ethnicity"), gender_weight=cfg.gender_weight, ethnicity_weight=cfg.ethnicity_weight)
+    return prediction, losses
+
+
+def _loss_parts(model) -> tuple[str, ...]:
+    """The loss parts a model's epochs log: the age parts, then one per head it has."""
+    cfg = unwrap(model).cfg
+    return ("total", "kl", "l1") + ("gender",) * cfg.gender_head + ("ethnicity",) * cfg.ethnicity_head
 
 
 def batches_of(faces: dict, rows: torch.Tensor, batch_size: int, shuffle: torch.Generator | None = None) -> Iterator[dict]:
@@ -91,36 +101,48 @@ def train_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, gen
                 progress: Callable[[float], None] = lambda seen: None) -> dict:
     """One pass over `batches` ({region, boxes, age} tensors on `device`); `progress(samples_seen)` after each."""
     model.train()
-    totals = [0.0, 0.0, 0.0, 0.0]  # samples, loss, kl, l1 (sums over samples)
+    parts = _loss_parts(model)
+    totals = [0.0] * (1 + len(parts))  # samples, then each loss part (sums over samples)
     waited = 0.0  # seconds spent waiting for the next batch: high means the input pipeline is the bottleneck
     use_bf16 = cfg.bf16 and bf16_supported(device)
     asked = time.perf_counter()
     for batch in batches:
         waited += time.perf_counter() - asked
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            _, losses = _batch_losses(model, batch, cfg.augment, cfg.alpha, generator)
+            _, losses = _batch_losses(model, batch, cfg, cfg.augment, generator)
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
         optimizer.step()
         n = len(batch["age"])
-        totals = [totals[0] + n, *(t + losses[k].item() * n for t, k in zip(totals[1:], ("total", "kl", "l1")))]
+        totals = [totals[0] + n, *(t + losses.get(k, torch.zeros(())).item() * n for t, k in zip(totals[1:], parts))]
         progress(totals[0])
         asked = time.perf_counter()
-    n, loss, kl, l1 = all_sum(totals, device)
+    n, *sums = all_sum(totals, device)
     per = 1 / max(n, 1)
-    return {"train_samples": int(n), "train_loss": loss * per, "train_kl": kl * per, "train_l1": l1 * per, "data_wait_s": waited}
+    means = {f"train_{'loss' if k == 'total' else k}": total * per for k, total in zip(parts, sums)}
+    return {"train_samples": int(n), **means, "data_wait_s": waited}
 
 
 @torch.no_grad()
 def validate(model, batches: Iterable[dict], cfg: TrainConfig, device) -> dict:
-    """Loss, MAE and CA(n) over `batches` in fp32 without augmentation, summed over the data-parallel group."""
+    """Loss, MAE and CA(n) over `batches` in fp32 without augmentation, summed over the data-parallel group;
+    with a gender head also its accuracy over the faces whose gender is known."""
     model.eval()
-    sums = [0.0, 0.0, 0.0, *error_sums([])]  # samples, loss, kl, then the metric sums
+    gender_head = unwrap(model).cfg.gender_head
+    sums = [0.0, 0.0, 0.0, 0.0, 0.0, *error_sums([])]  # samples, loss, kl, gender right, gender known, metric sums
     for batch in batches:
-        age_pred, losses = _batch_losses(model, batch, None, cfg.alpha, None)
+        prediction, losses = _batch_losses(model, batch, cfg, None, None)
         n = len(batch["age"])
-        batch_sums = [n, losses["total"].item() * n, losses["kl"].item() * n,
-                      *error_sums((age_pred - batch["age"]).abs().cpu().numpy())]
+        right = known = 0.0
+        if gender_head and batch.get("gender") is not None:
+            labelled = batch["gender"] != UNKNOWN
+            right = ((prediction.gender.argmax(1) == batch["gender"]) & labelled).sum().item()
+            known = labelled.sum().item()
+        batch_sums = [n, losses["total"].item() * n, losses["kl"].item() * n, right, known,
+                      *error_sums((prediction.age.float() - batch["age"]).abs().cpu().numpy())]
         sums = [a + b for a, b in zip(sums, batch_sums)]
-    n, loss, kl, *metric_sums = all_sum(sums, device)
-    return {"val_samples": int(n), "val_loss": loss / max(n, 1), "val_kl": kl / max(n, 1), **from_sums(metric_sums, "val_")}
+    n, loss, kl, right, known, *metric_sums = all_sum(sums, device)
+    record = {"val_samples": int(n), "val_loss": loss / max(n, 1), "val_kl": kl / max(n, 1), **from_sums(metric_sums, "val_")}
+    if gender_head:
+        record["val_gender_acc"] = right / known if known else float("nan")
+    return record

@@ -1,5 +1,6 @@
 """Age metrics as the paper reports them, one definition for training, evaluation and the model card:
-MAE in years and the cumulative accuracy CA(n), the share of faces within n years; both by age decade too."""
+MAE in years and the cumulative accuracy CA(n), the share of faces within n years; gender accuracy; each by age
+decade or any other grouping (the model card's fairness tables)."""
 
 from __future__ import annotations
 
@@ -22,12 +23,41 @@ def decade_label(decade: int) -> str:
     return f"{decade * DECADE}-{decade * DECADE + DECADE - 1}"
 
 
-def by_decade(predicted, true) -> list[dict]:
-    """`age_metrics` per decade of the true age, youngest first, with the decade (2) and its label ("20-29")."""
+def gender_metrics(p_female, genders) -> dict:
+    """{gender_faces, gender_acc}: the share of faces with a known gender ("female"/"male") whose p_female falls
+    on its side of 0.5; gender_acc None when no face has a known gender."""
+    p_female, genders = np.asarray(p_female, dtype=np.float64), np.asarray(genders, dtype=object)
+    known = (genders == "female") | (genders == "male")
+    if not known.any():
+        return {"gender_faces": 0, "gender_acc": None}
+    right = (p_female[known] >= 0.5) == (genders[known] == "female")
+    return {"gender_faces": int(known.sum()), "gender_acc": float(right.mean())}
+
+
+def by_group(groups, predicted, true, p_female=None, genders=None) -> list[dict]:
+    """`age_metrics` (and `gender_metrics` when p_female is given) per value of `groups`, in sorted order with
+    unknown (None) last: the rows of the model card's fairness tables."""
+    groups = np.asarray([g if g is not None else "unknown" for g in groups], dtype=object)
     predicted, true = np.asarray(predicted), np.asarray(true)
-    decades = (true // DECADE).astype(int)
-    return [{"decade": d, "ages": decade_label(d), **age_metrics(predicted[decades == d], true[decades == d])}
-            for d in sorted(set(decades.tolist()))]
+    values = sorted({g for g in groups.tolist() if g != "unknown"}) + ["unknown"] * ("unknown" in set(groups.tolist()))
+    rows = []
+    for value in values:
+        pick = groups == value
+        row = {"group": value, **age_metrics(predicted[pick], true[pick])}
+        if p_female is not None:
+            row.update(gender_metrics(np.asarray(p_female)[pick], np.asarray(genders, dtype=object)[pick]))
+        rows.append(row)
+    return rows
+
+
+def by_decade(predicted, true, p_female=None, genders=None) -> list[dict]:
+    """`by_group` over the decades of the true age, youngest first, with the decade (2) and its label ("20-29")."""
+    decades = (np.asarray(true) // DECADE).astype(int)
+    rows = []
+    for row in by_group(decades.tolist(), predicted, true, p_female, genders):
+        decade = row.pop("group")
+        rows.append({"decade": decade, "ages": decade_label(decade), **row})
+    return rows
 
 
 def error_sums(errors) -> list[float]:

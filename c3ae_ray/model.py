@@ -8,7 +8,9 @@ Shapes follow the paper's Table 1. One trunk is shared by the three context crop
 BRA = BatchNorm, ReLU, 2x2 average pooling. The full model adds squeeze-and-excitation (reduction 2)
 after each BRA block (section 3.5). The three 12-d features are concatenated (context) and pass the
 cascade: W1 to a softmax over age bins (trained with KL against the two-point encoding), W2 from that
-distribution to the age (trained with L1).
+distribution to the age (trained with L1). Optional heads on the same concatenated features: gender (two
+classes, cross-entropy where the label exists) and ethnicity (UTKFace's five groups), the latter an
+auxiliary training task only: no stage ever outputs it.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import hashlib
 import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +31,10 @@ from c3ae_ray.crops import CROP_SIZE, N_SCALES, CropConfig
 MODEL_FORMAT = "c3ae_ray.model/1"
 # The model that ships in the package (see MODEL_CARD.md beside it): the default of predict, score and serve.
 BUNDLED_MODEL = Path(__file__).with_name("pretrained") / "c3ae_utkface.pt"
+LABEL_ENCODINGS = ("two_point", "gaussian")
+GENDERS = ("male", "female")  # the gender head's classes, in its logits' order
+N_ETHNICITIES = 5  # datasets.ETHNICITIES
+UNKNOWN = -1  # the class code of a missing gender or ethnicity label: no loss for that face
 
 
 @dataclass(frozen=True)
@@ -39,6 +46,10 @@ class ModelConfig:
     se: bool = True  # squeeze-and-excitation after each BRA block
     n_bins: int = 12  # bins 0, 10, ..., 110
     interval: float = 10.0  # K in the paper
+    # The bins' training target: the paper's "two_point" encoding, or a "gaussian" label distribution of `sigma`
+    # years around the age (label distribution learning, usually with K = 1: n_bins 111, interval 1)
+    label_encoding: str = "two_point"
+    sigma: float = 2.0  # gaussian only
     feat_dim: int = 12
     channels: int = 32
     se_reduction: int = 2
@@ -47,6 +58,8 @@ class ModelConfig:
     # Inference only (eval mode): average each face's age and bins with those of its mirror image. Training
     # flips faces anyway; this costs a second pass, small beside face detection, for 0.06 to 0.09 years here.
     mirror_average: bool = False
+    gender_head: bool = False  # two logits (male, female) from the concatenated features
+    ethnicity_head: bool = False  # five logits, trained as an auxiliary task; never an output
     # Pixel normalisation lives in the model so every caller feeds raw 0..255 values.
     pixel_mean: float = 127.5
     pixel_std: float = 127.5
@@ -55,6 +68,8 @@ class ModelConfig:
         check(self.n_bins >= 2 and self.interval > 0, f"model: n_bins must be at least 2 and interval positive, got {self.n_bins}, {self.interval}")
         check(0 <= self.dropout_feat < 1 and 0 <= self.dropout_head < 1, "model: dropout rates must be in [0, 1)")
         check(self.pixel_std > 0, f"model: pixel_std must be positive, got {self.pixel_std}")
+        check(self.label_encoding in LABEL_ENCODINGS, f"model: label_encoding must be one of {', '.join(LABEL_ENCODINGS)}, got {self.label_encoding!r}")
+        check(self.sigma > 0, f"model: sigma must be positive, got {self.sigma}")
 
     @property
     def bins(self) -> torch.Tensor:
@@ -109,8 +124,20 @@ class Trunk(nn.Module):
         return self.feat(self.dropout(self.features(x).flatten(1)))
 
 
+class Prediction(NamedTuple):
+    """The network's answer for a batch of faces; a head the model does not have is None."""
+
+    age: torch.Tensor  # (N,) years
+    distribution: torch.Tensor | None  # (N, bins) softmax; None without the cascade
+    gender: torch.Tensor | None = None  # (N, 2) logits in GENDERS order
+    ethnicity: torch.Tensor | None = None  # (N, 5) logits (auxiliary)
+
+    def p_female(self) -> torch.Tensor | None:
+        return None if self.gender is None else torch.softmax(self.gender.float(), dim=1)[:, GENDERS.index("female")]
+
+
 class C3AE(nn.Module):
-    """Forward: crops (N, 3 scales, 3 channels, 64, 64) with raw 0..255 values -> (age (N,), bins (N, B) or None)."""
+    """Forward: crops (N, 3 scales, 3 channels, 64, 64) with raw 0..255 values -> `Prediction`."""
 
     def __init__(self, cfg: ModelConfig | None = None, **switches):
         super().__init__()
@@ -121,6 +148,8 @@ class C3AE(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout_head)
         self.w1 = nn.Linear(n_scales * cfg.feat_dim, cfg.n_bins)
         self.w2 = nn.Linear(cfg.n_bins, 1)
+        self.gender = nn.Linear(n_scales * cfg.feat_dim, len(GENDERS)) if cfg.gender_head else None
+        self.ethnicity = nn.Linear(n_scales * cfg.feat_dim, N_ETHNICITIES) if cfg.ethnicity_head else None
         with torch.no_grad():
             if cfg.cascade:
                 # Start W2 as the expectation over the bin ages: the cascade then predicts a sensible age from
@@ -130,29 +159,30 @@ class C3AE(nn.Module):
             else:
                 self.w2.bias.fill_(cfg.max_age / 2)
 
-    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, crops: torch.Tensor) -> Prediction:
         expected = (N_SCALES, 3, CROP_SIZE, CROP_SIZE)
         if crops.ndim != 5 or crops.shape[1:] != expected:
             raise ValueError(f"expected crops of shape (N, {', '.join(map(str, expected))}), got {tuple(crops.shape)}")
         if self.training or not self.cfg.mirror_average:
             return self._predict(crops)
         n = crops.shape[0]
-        age, distribution = self._predict(torch.cat([crops, crops.flip(-1)]))  # each crop mirrored left-right
-        return (age[:n] + age[n:]) / 2, None if distribution is None else (distribution[:n] + distribution[n:]) / 2
+        both = self._predict(torch.cat([crops, crops.flip(-1)]))  # each crop mirrored left-right
+        return Prediction(*(None if value is None else (value[:n] + value[n:]) / 2 for value in both))
 
-    def _predict(self, crops: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _predict(self, crops: torch.Tensor) -> Prediction:
         x = (crops.float() - self.cfg.pixel_mean) / self.cfg.pixel_std
         if not self.cfg.context:
             x = x[:, -1:]  # the outermost (largest) context only
         n, scales = x.shape[:2]
         # Channels-last lets oneDNN (CPU) and cuDNN pick their fast convolution kernels: about 1.3x on CPU here.
         x = x.reshape(n * scales, *x.shape[2:]).contiguous(memory_format=torch.channels_last)
-        feats = self.trunk(x).reshape(n, -1)
-        hidden = self.w1(self.dropout(feats))
+        feats = self.dropout(self.trunk(x).reshape(n, -1))
+        hidden = self.w1(feats)
+        heads = [None if head is None else head(feats) for head in (self.gender, self.ethnicity)]
         if self.cfg.cascade:
             distribution = torch.softmax(hidden, dim=1)
-            return self.w2(distribution).squeeze(1), distribution
-        return self.w2(F.relu(hidden)).squeeze(1), None
+            return Prediction(self.w2(distribution).squeeze(1), distribution, *heads)
+        return Prediction(self.w2(F.relu(hidden)).squeeze(1), None, *heads)
 
 
 def two_point(age, interval: float = 10.0, n_bins: int = 12) -> torch.Tensor:
@@ -173,22 +203,71 @@ def two_point(age, interval: float = 10.0, n_bins: int = 12) -> torch.Tensor:
     return encoding
 
 
+HEADS = ("gender_head", "ethnicity_head")  # switches a fine-tuning run may add to a model file's network
+
+
+def load_weights(model: C3AE, state: dict) -> None:
+    """Another model's weights into `model`; a head `model` has and the weights lack starts fresh (fine-tuning
+    an age-only model into one that also answers gender). Any other mismatch is an error."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    fresh = tuple(f"{head.removesuffix('_head')}." for head in HEADS)
+    if unexpected or any(not key.startswith(fresh) for key in missing):
+        raise UserError(f"the weights do not fit this network: missing {missing}, unexpected {unexpected}")
+
+
+def masked_cross_entropy(logits: torch.Tensor | None, classes: torch.Tensor | None) -> torch.Tensor | None:
+    """Mean cross-entropy over the faces whose class is known (UNKNOWN elsewhere); 0 when none is. None without
+    the head or the labels."""
+    if logits is None or classes is None:
+        return None
+    known = classes != UNKNOWN
+    losses = F.cross_entropy(logits.float(), classes.clamp_min(0).long(), reduction="none")
+    return (losses * known).sum() / known.sum().clamp_min(1)
+
+
+def gaussian(age, sigma: float, interval: float = 1.0, n_bins: int = 111) -> torch.Tensor:
+    """A label distribution: a normal density of `sigma` years around the (clipped) age over the bin ages,
+    normalised to sum 1 on the bins. Any shape of ages (adds a bin axis)."""
+    age = torch.as_tensor(age, dtype=torch.float32).clamp(0, (n_bins - 1) * interval)
+    bins = torch.arange(n_bins, dtype=torch.float32) * interval
+    density = torch.exp(-0.5 * ((bins - age.unsqueeze(-1)) / sigma) ** 2)
+    return density / density.sum(-1, keepdim=True)
+
+
+def encode_age(age, cfg: ModelConfig) -> torch.Tensor:
+    """The bins' target for ages under the model's label encoding."""
+    if cfg.label_encoding == "gaussian":
+        return gaussian(age, cfg.sigma, cfg.interval, cfg.n_bins)
+    return two_point(age, cfg.interval, cfg.n_bins)
+
+
 def c3ae_loss(
     model: C3AE,
-    age_pred: torch.Tensor,
-    distribution: torch.Tensor | None,
+    prediction: Prediction,
     age_true: torch.Tensor,
     alpha: float = 10.0,
+    gender: torch.Tensor | None = None,
+    ethnicity: torch.Tensor | None = None,
+    gender_weight: float = 1.0,
+    ethnicity_weight: float = 1.0,
 ) -> dict[str, torch.Tensor]:
-    """alpha * KL(two_point(age) || predicted bins) + L1(age), with the parts for logging."""
+    """alpha * KL(encoded age || predicted bins) + L1(age) [+ weighted cross-entropy of each head, where the
+    labels exist], with the parts for logging (the heads' only where the model has them)."""
     cfg = model.cfg
+    age_pred = prediction.age.float()
     l1 = (age_pred - age_true).abs().mean()
-    if distribution is not None:
-        target = two_point(age_true, cfg.interval, cfg.n_bins).to(distribution.device)
-        kl = F.kl_div(distribution.clamp_min(1e-8).log(), target, reduction="batchmean")
+    if prediction.distribution is not None:
+        target = encode_age(age_true, cfg).to(age_pred.device)
+        kl = F.kl_div(prediction.distribution.float().clamp_min(1e-8).log(), target, reduction="batchmean")
     else:
         kl = torch.zeros((), device=age_pred.device)
-    return {"total": alpha * kl + l1, "kl": kl.detach(), "l1": l1.detach()}
+    total, parts = alpha * kl + l1, {"kl": kl.detach(), "l1": l1.detach()}
+    for name, logits, classes, weight in (("gender", prediction.gender, gender, gender_weight),
+                                          ("ethnicity", prediction.ethnicity, ethnicity, ethnicity_weight)):
+        loss = masked_cross_entropy(logits, classes)
+        if loss is not None:
+            total, parts[name] = total + weight * loss, loss.detach()
+    return {"total": total, **parts}
 
 
 def count_parameters(model: nn.Module) -> int:

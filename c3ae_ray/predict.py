@@ -31,7 +31,8 @@ class PredictConfig:
 
 
 def predict_files(cfg: PredictConfig) -> list[dict]:
-    """One result per image, in order: {path, faces: [{box, score, age}], n_faces, error, drawn}."""
+    """One result per image, in order: {path, faces: [{box, score, age, gender, p_female}], n_faces, error, drawn}
+    (gender and p_female null for a model without a gender head)."""
     estimator = Estimator(cfg.model, cfg.device, cfg.detector)
     if cfg.draw:
         Path(cfg.draw).mkdir(parents=True, exist_ok=True)
@@ -49,7 +50,8 @@ def predict_files(cfg: PredictConfig) -> list[dict]:
             result["error"] = answer.reason
             continue
         result["faces"] = [
-            {"box": [round(float(v), 1) for v in face.box], "score": round(face.score, 4), "age": round(face.age, 1)}
+            {"box": [round(float(v), 1) for v in face.box], "score": round(face.score, 4), "age": round(face.age, 1),
+             "gender": face.gender, "p_female": None if face.p_female is None else round(face.p_female, 4)}
             for face in answer.faces
         ]
         result["n_faces"] = answer.n_faces
@@ -59,7 +61,7 @@ def predict_files(cfg: PredictConfig) -> list[dict]:
 
 
 def _draw(image: np.ndarray, ages: ImageFaces, folder: Path, stem: str, taken: set[str]) -> Path:
-    """A JPEG copy of the photo with each face boxed and its age above the box; names never collide in a run."""
+    """A JPEG copy of the photo with each face boxed and its age (and F/M) above the box; names never collide in a run."""
     name, n = f"{stem}.jpg", 1
     while name in taken:
         n += 1
@@ -70,7 +72,7 @@ def _draw(image: np.ndarray, ages: ImageFaces, folder: Path, stem: str, taken: s
     for face in ages.faces:
         x1, y1, x2, y2 = (int(round(v)) for v in face.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 200, 255), thickness)
-        label = f"{face.age:.0f}"
+        label = f"{face.age:.0f}" + ("" if face.gender is None else f" {face.gender[0].upper()}")
         scale = max(0.5, (x2 - x1) / 120)
         (width, height), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = max(height + 4, y1 - 4)
@@ -92,7 +94,8 @@ def format_results(results: list[dict]) -> str:
         lines.append(f"{result['path']}: " + (f"{result['n_faces']} face{'s' * (result['n_faces'] != 1)}{shown}" if faces else "no face"))
         for number, face in enumerate(faces, 1):
             box = ", ".join(f"{v:.0f}" for v in face["box"])
-            lines.append(f"  face {number}: age {face['age']:.1f}  box [{box}]  score {face['score']:.3f}")
+            gender = "" if face["gender"] is None else f"  {face['gender']} (p_female {face['p_female']:.2f})"
+            lines.append(f"  face {number}: age {face['age']:.1f}{gender}  box [{box}]  score {face['score']:.3f}")
         if result.get("drawn"):
             lines.append(f"  drawn: {result['drawn']}")
     read = [r for r in results if not r["error"]]

@@ -34,7 +34,7 @@ from c3ae_ray.faces import SCHEMA, STATUSES
 from c3ae_ray.images import DEFAULT_MAX_PIXELS
 from c3ae_ray.inference import FaceFinder, ImageFailure
 
-RECORD_COLUMNS = ("path", "dataset", "subject", "age", "gender")
+RECORD_COLUMNS = ("path", "dataset", "subject", "age", "gender", "ethnicity")
 
 
 @dataclass(frozen=True)

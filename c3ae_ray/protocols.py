@@ -17,7 +17,7 @@ import numpy as np
 
 from c3ae_ray.config import UserError
 from c3ae_ray.faces import in_validation, split_key
-from c3ae_ray.metrics import CA_YEARS, age_metrics
+from c3ae_ray.metrics import CA_YEARS, age_metrics, gender_metrics
 from c3ae_ray.model import VARIANTS, ModelConfig
 
 if TYPE_CHECKING:
@@ -33,10 +33,15 @@ def _switches(variant: ModelConfig) -> dict:
 
 
 # The paper's ablation (Fig. 5): each variant drops one ingredient of the full model (model.VARIANTS), or
-# the training augmentation. name -> (model switches, augmentation on)
+# the training augmentation; then the seeds' additions: the full model with a gender head, with gender and
+# (auxiliary) ethnicity heads, and with a Gaussian label distribution over 1-year bins (K = 1) instead of the
+# two-point encoding over 10-year bins. name -> (model switches, augmentation on)
+PAPER_ABLATIONS = ("full", "no-context", "no-cascade", "no-augment", "no-se")
 ABLATIONS: dict[str, tuple[dict, bool]] = {
-    name: (_switches(VARIANTS["full" if name == "no-augment" else name]), name != "no-augment")
-    for name in ("full", "no-context", "no-cascade", "no-augment", "no-se")
+    **{name: (_switches(VARIANTS["full" if name == "no-augment" else name]), name != "no-augment") for name in PAPER_ABLATIONS},
+    "+gender": (_switches(ModelConfig(gender_head=True)), True),
+    "+gender+ethnicity": (_switches(ModelConfig(gender_head=True, ethnicity_head=True)), True),
+    "gaussian-k1": (_switches(ModelConfig(label_encoding="gaussian", n_bins=111, interval=1.0)), True),
 }
 
 
@@ -122,17 +127,20 @@ def trial_rows(plan: list[dict], faces: dict, results: dict, retries: dict) -> t
             reason = _short_error(result.error) if result is not None and result.error else "no result"
             rows.append({**row, "status": "failed", "error": reason})
             continue
+        p_female = metrics.get("p_female") or [None] * len(test)  # a trial without a gender head answers none
         rows.append({
             **row,
             "status": "ok",
             **{k: round(metrics[k], 4) for k in ("mae", *(f"ca{y}" for y in CA_YEARS))},
+            "gender_acc": _rounded(gender_metrics(p_female, [faces["gender"][i] for i in test])["gender_acc"])
+            if metrics.get("p_female") else None,
             "trained_faces": metrics["train_faces"],
             "parameters": metrics["parameters"],
             "subject_overlap": metrics["subject_overlap"],
         })
-        for i, predicted in zip(test, metrics["predicted"]):
-            predictions.append({"trial": index, "group": spec["group"], "path": faces["path"][i],
-                                "subject": faces["subject"][i], "age": float(faces["age"][i]), "predicted": predicted})
+        for i, predicted, female in zip(test, metrics["predicted"], p_female):
+            predictions.append({"trial": index, "group": spec["group"], "path": faces["path"][i], "subject": faces["subject"][i],
+                                "age": float(faces["age"][i]), "predicted": predicted, "gender": faces["gender"][i], "p_female": female})
     return rows, predictions
 
 
@@ -140,6 +148,8 @@ def aggregate(rows: list[dict], predictions: list[dict]) -> dict:
     """MAE mean and std over completed trials, and MAE / CA(n) pooled over all their test predictions."""
     maes = [r["mae"] for r in rows if r["status"] == "ok"]
     pooled = age_metrics([p["predicted"] for p in predictions], [p["age"] for p in predictions])
+    gendered = [p for p in predictions if p["p_female"] is not None]
+    gender = gender_metrics([p["p_female"] for p in gendered], [p["gender"] for p in gendered])
     return {
         "trials": len(rows),
         "completed": len(maes),
@@ -148,8 +158,13 @@ def aggregate(rows: list[dict], predictions: list[dict]) -> dict:
         "mae_std": round(float(np.std(maes)), 4) if maes else None,
         "pooled_mae": round(pooled["mae"], 4) if maes else None,
         **{f"ca{y}": round(pooled[f"ca{y}"], 4) if maes else None for y in CA_YEARS},
+        "gender_acc": _rounded(gender["gender_acc"]),
         "test_faces": pooled["faces"],
     }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)
 
 
 def _number(value, digits: int = 2) -> str:
@@ -165,17 +180,18 @@ def format_report(summary: dict) -> str:
         "",
         f"{summary['trials']} trials ({summary['completed']} completed, {summary['failed']} failed), "
         f"{cfg['epochs']} epochs each, {how}; {summary['data']['faces']} faces.",
-        "MAE mean ± std is over completed trials; pooled MAE and CA(n) are over all their test predictions.",
+        "MAE mean ± std is over completed trials; pooled MAE, CA(n) and gender accuracy (models with a gender head,",
+        "faces with a known gender) are over all their test predictions.",
         "",
-        "| | trials | MAE mean ± std | pooled MAE | CA(3) | CA(5) | CA(7) | test faces |",
-        "|---|---|---|---|---|---|---|---|",
+        "| | trials | MAE mean ± std | pooled MAE | CA(3) | CA(5) | CA(7) | gender accuracy | test faces |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for group, agg in summary["groups"].items():
         failed = f" ({agg['failed']} failed)" if agg["failed"] else ""
         lines.append(
             f"| {group} | {agg['completed']}/{agg['trials']}{failed} | {_number(agg['mae_mean'])} ± {_number(agg['mae_std'])} "
             f"| {_number(agg['pooled_mae'])} | {_number(agg['ca3'], 3)} | {_number(agg['ca5'], 3)} | {_number(agg['ca7'], 3)} "
-            f"| {agg['test_faces']} |"
+            f"| {_number(agg['gender_acc'], 3)} | {agg['test_faces']} |"
         )
     lines += [
         "",

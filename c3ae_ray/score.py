@@ -48,6 +48,8 @@ SCHEMA = pa.schema(
         ("face_score", pa.float32()),  # MTCNN probability
         ("age", pa.float32()),  # years
         ("distribution", pa.list_(pa.float32())),  # probabilities over the model's age bins (summary.json: bins)
+        ("gender", pa.string()),  # "female" or "male"; null for a model without a gender head
+        ("p_female", pa.float32()),  # the gender head's probability of "female"
         ("model_name", pa.string()),
         ("model_version", pa.string()),
     ]
@@ -137,6 +139,8 @@ def answer_rows(path: str, answer: ImageFaces | ImageFailure, identity: tuple[st
             face_score=face.score,
             age=face.age,
             distribution=None if face.distribution is None else face.distribution.tolist(),
+            gender=face.gender,
+            p_female=face.p_female,
         )
         for index, face in enumerate(answer.faces)
     ]

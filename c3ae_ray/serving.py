@@ -35,7 +35,7 @@ from ray import serve
 
 from c3ae_ray import storage
 from c3ae_ray.api import (
-    API_KEY_ENV, ApiError, Limits, ServeConfig, api, error_response, face_json, failure_status, image_from_request,
+    AGE_EXAMPLE, API_KEY_ENV, ApiError, Limits, ServeConfig, api, error_response, face_json, failure_status, image_from_request,
     parse_max_faces, read_body, web_page,
 )
 from c3ae_ray.config import UserError, build, resolve_device, to_dict
@@ -161,9 +161,11 @@ class AgeAPI:
 
     @api.post(
         "/v1/age",
-        summary="Ages of every face in a photo",
+        summary="Age and gender of every face in a photo",
         description="The photo as the raw body (image/jpeg, image/png, image/webp), as multipart/form-data field "
-        "`file`, or as JSON {\"image\": \"<base64>\"}; optional `max_faces` (query, form or JSON field).",
+        "`file`, or as JSON {\"image\": \"<base64>\"}; optional `max_faces` (query, form or JSON field). Each face "
+        "has its age in years, the bins' probabilities, and `gender` with `p_female` (null for a model without a gender head).",
+        responses={200: {"description": "the faces, most confident first", "content": {"application/json": {"example": AGE_EXAMPLE}}}},
     )
     async def age(self, request: Request) -> JSONResponse:
         from ray.serve.exceptions import BackPressureError
@@ -225,7 +227,7 @@ class AgeAPI:
         found = await self.finder.find.remote(cv2.imencode(".png", gray)[1].tobytes(), self.limits.max_pixels, 1)
         if isinstance(found, ImageFailure):
             raise RuntimeError(f"the detector failed: {found.reason}")
-        region, boxes = cut_region(gray, [24, 24, 72, 72], self.crop)
+        region, boxes = cut_region(gray, [24, 24, 72, 72], self.crop, landmarks=[[38, 42], [58, 42]])  # level eyes
         outputs = await self.predictor.predict.remote(region[None], boxes[None])
         if not (len(outputs.age) == 1 and np.isfinite(outputs.age[0])):
             raise RuntimeError(f"the model gave {outputs.age}")

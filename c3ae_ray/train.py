@@ -11,7 +11,8 @@ RUN_DIR (a local path or s3://...):
 
     config.json            the effective config, written when the run starts; a rerun must match it
     checkpoints/epoch_NNN/ Ray Train checkpoints: every epoch reported, the latest and the best kept
-    metrics.csv, .json     one row per epoch: loss parts, validation MAE and CA(3/5/7), lr, samples/s
+    metrics.csv, .json     one row per epoch: loss parts, validation MAE and CA(3/5/7) (and gender accuracy),
+                           lr, samples/s, epoch and data-loading seconds
     curves.png             loss and MAE per epoch
     model.pt               the best epoch's weights (by validation MAE) with their configs and metrics
     summary.json           written last: the run is complete
@@ -37,9 +38,9 @@ from c3ae_ray import __version__, plots, storage
 from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import UserError, build, check, to_dict
 from c3ae_ray.crops import N_SCALES, CropConfig
-from c3ae_ray.faces import TRAINING_COLUMNS, FaceData, decode_faces, open_faces
+from c3ae_ray.faces import FaceData, decode_faces, open_faces
 from c3ae_ray.loop import LR_SCHEDULES, batches_of, build_training, step_schedule, train_epoch, unwrap, validate
-from c3ae_ray.model import C3AE, ModelConfig, load_model, save_model
+from c3ae_ray.model import HEADS, C3AE, ModelConfig, load_model, save_model
 from c3ae_ray.runtime import cluster_shape, cpus_per_worker, ray_runtime
 
 logger = logging.getLogger(__name__)
@@ -67,6 +68,8 @@ class TrainConfig:
     lr: float | None = None  # Adam's; None: the paper's 0.005 for the full model (SE), 0.002 for the plain one
     weight_decay: float = 1e-4
     alpha: float = 10.0  # weight of the KL term
+    gender_weight: float = 1.0  # of the gender head's cross-entropy (model.gender_head)
+    ethnicity_weight: float = 1.0  # of the auxiliary ethnicity head's cross-entropy (model.ethnicity_head)
     lr_schedule: str = "plateau"  # "plateau": ReduceLROnPlateau on validation MAE; "cosine": to 0 over `epochs`
     lr_factor: float = 0.5  # plateau only
     lr_patience: int = 3  # plateau only
@@ -99,7 +102,7 @@ def face_dataset(data: FaceData, split: str | None, val_fraction: float, shuffle
     on every pass (streamed training: the worker's local shuffle buffer mixes the rows within)."""
     import ray.data
 
-    ds = ray.data.read_parquet(data.files, filesystem=data.filesystem).select_columns(TRAINING_COLUMNS)
+    ds = ray.data.read_parquet(data.files, filesystem=data.filesystem).select_columns(data.columns)
     if shuffle_blocks:
         ds = ds.randomize_block_order()
     return ds.map_batches(
@@ -122,15 +125,16 @@ def in_memory(cfg: TrainConfig, share_gib: float) -> bool:
 
 
 def _load_shard(shard, device, region_size: int) -> dict:
-    """A worker's whole shard, decoded, as {region uint8, boxes, age} tensors on `device` (read once)."""
+    """A worker's whole shard, decoded (`faces.decode_faces`), as tensors on `device` (read once)."""
     parts = [{"region": np.zeros((0, region_size, region_size, 3), np.uint8), "boxes": np.zeros((0, N_SCALES, 4), np.float32),
-              "age": np.zeros(0, np.float32)}]
+              "age": np.zeros(0, np.float32), "gender": np.zeros(0, np.int64), "ethnicity": np.zeros(0, np.int64)}]
     parts += shard.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=4)
     return {name: torch.from_numpy(np.concatenate([part[name] for part in parts])).to(device) for name in parts[0]}
 
 
 def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, device):
-    """(epoch -> training batches, () -> validation batches) from the shards: held in memory, or streamed."""
+    """(epoch -> training batches, () -> validation batches, seconds spent loading) from the shards: held in
+    memory (loaded here, once per attempt), or streamed."""
     import ray.train
 
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
@@ -139,6 +143,7 @@ def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, device):
             lambda epoch: train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, prefetch_batches=2,
                                                          local_shuffle_buffer_size=SHUFFLE_BUFFER),
             lambda: val_shard.iter_torch_batches(batch_size=256, device=device),
+            0.0,
         )
     started = time.perf_counter()
     train_faces, val_faces = (_load_shard(shard, device, setup["region_size"]) for shard in (train_shard, val_shard))
@@ -151,6 +156,7 @@ def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, device):
         # the same order for an epoch whether or not the run was resumed before it
         lambda epoch: batches_of(train_faces, train_rows, cfg.batch_size, torch.Generator().manual_seed(cfg.seed * 1_000_003 + 1009 * rank + epoch)),
         lambda: batches_of(val_faces, val_rows, 256),
+        time.perf_counter() - started,
     )
 
 
@@ -197,7 +203,7 @@ def train_worker(setup: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     if rank == 0 and state["epoch"]:
         logger.info("resuming after epoch %d (attempt %d)", state["epoch"], state["attempt"])
-    train_batches, val_batches = _epoch_feeds(setup, cfg, rank, device)
+    train_batches, val_batches, load_s = _epoch_feeds(setup, cfg, rank, device)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
         progress = _progress_logger(epoch, cfg.epochs, setup["train_faces"], world, rank, started)
@@ -205,7 +211,9 @@ def train_worker(setup: dict) -> None:
         train_s = time.perf_counter() - started
         record.update(validate(model, val_batches(), cfg, device))
         record.update(epoch=epoch, attempt=state["attempt"], lr=optimizer.param_groups[0]["lr"],
-                      samples_per_s=record["train_samples"] / train_s, epoch_s=time.perf_counter() - started)
+                      samples_per_s=record["train_samples"] / train_s, epoch_s=time.perf_counter() - started,
+                      data_load_s=load_s)  # the attempt's one load of its faces, on its first epoch
+        load_s = 0.0
         step_schedule(scheduler, record["val_mae"])
         state["history"].append(record)
         state["epoch"] = epoch
@@ -239,7 +247,9 @@ def format_epoch(record: dict, epochs: int) -> str:
     return (
         f"epoch {record['epoch']}/{epochs}: train loss {record['train_loss']:.3f} (L1 {record['train_l1']:.2f}), "
         f"val loss {record['val_loss']:.3f}, val MAE {record['val_mae']:.2f}, "
-        f"CA(5) {record['val_ca5']:.3f}, lr {record['lr']:.2g}, {record['samples_per_s']:.0f} samples/s"
+        f"CA(5) {record['val_ca5']:.3f}, "
+        + (f"gender accuracy {record['val_gender_acc']:.3f}, " if "val_gender_acc" in record else "")
+        + f"lr {record['lr']:.2g}, {record['samples_per_s']:.0f} samples/s"
     )
 
 
@@ -247,13 +257,18 @@ def format_epoch(record: dict, epochs: int) -> str:
 
 
 def initial_weights(cfg: TrainConfig, crop: CropConfig) -> tuple[TrainConfig, dict | None, dict | None]:
-    """--init-from: the model file's switches become the run's; other crop scales or age bins are an error."""
+    """--init-from: the model file's switches become the run's, plus any head the run asks for (it starts fresh);
+    other crop scales or age bins are an error."""
     if not cfg.init_from:
         return cfg, None, None
     model, payload = load_model(cfg.init_from)
     source_crop = payload.get("crop_config") or {}
     if source_crop and tuple(source_crop.get("scales", ())) != tuple(crop.scales):
         raise UserError(f"{cfg.init_from} was trained on crops at scales {source_crop['scales']}, the data has {list(crop.scales)}")
+    source_aligned = bool(source_crop.get("align", False))
+    if source_aligned != crop.align:
+        raise UserError(f"{cfg.init_from} was trained on {'aligned' if source_aligned else 'unaligned'} crops, "
+                        f"the data's are {'aligned' if crop.align else 'unaligned'}")
     other_bins = [name for name in ("n_bins", "interval") if getattr(model.cfg, name) != getattr(cfg.model, name)]
     if other_bins:
         raise UserError(
@@ -268,7 +283,8 @@ def initial_weights(cfg: TrainConfig, crop: CropConfig) -> tuple[TrainConfig, di
     if conflicting:
         raise UserError(f"{cfg.init_from} does not match the asked model config in: {', '.join(conflicting)}")
     provenance = {"path": cfg.init_from, "meta": {k: payload["meta"].get(k) for k in ("data", "best_epoch", "val_mae")}}
-    return replace(cfg, model=model.cfg), model.state_dict(), provenance
+    heads = {head: getattr(model.cfg, head) or getattr(cfg.model, head) for head in HEADS}
+    return replace(cfg, model=replace(model.cfg, **heads)), model.state_dict(), provenance
 
 
 def _splits(cfg: TrainConfig, data: FaceData) -> tuple[dict, dict]:
@@ -360,7 +376,8 @@ def _write_outputs(cfg: TrainConfig, filesystem, out: str, state: dict, data: Fa
             "init_from": init_provenance, "c3ae_ray_version": __version__}
     model_bytes = save_model(model, buffer, crop_config=to_dict(data.crop), meta=meta)
     metrics_csv = io.StringIO()
-    writer = csv.DictWriter(metrics_csv, fieldnames=list(history[0]))
+    # every record's columns: a run resumed across versions may have records with more of them
+    writer = csv.DictWriter(metrics_csv, fieldnames=list(dict.fromkeys(key for record in history for key in record)))
     writer.writeheader()
     writer.writerows(history)
     for name, content in (("model.pt", buffer.getvalue()), ("metrics.csv", metrics_csv.getvalue().encode()),
@@ -386,7 +403,8 @@ def format_summary(summary: dict) -> str:
         f"trained {summary['out']}: {summary['epochs']} epochs ({summary['attempts']} attempt(s)), "
         f"{data['train']['faces']} training / {data['val']['faces']} validation faces",
         f"  best epoch {summary['best_epoch']}: val MAE {summary['val_mae']:.2f}, CA(3) {summary['val_ca3']:.3f}, "
-        f"CA(5) {summary['val_ca5']:.3f}, CA(7) {summary['val_ca7']:.3f}",
+        f"CA(5) {summary['val_ca5']:.3f}, CA(7) {summary['val_ca7']:.3f}"
+        + (f", gender accuracy {summary['val_gender_acc']:.3f}" if "val_gender_acc" in summary else ""),
         f"  {summary['mean_samples_per_s']} samples/s on {summary['workers']} {'GPU' if summary['gpu'] else 'CPU'} "
         f"worker(s), {summary['elapsed_s']} s; model.pt {summary['model_bytes']} bytes",
     ])

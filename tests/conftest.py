@@ -123,8 +123,9 @@ def s3_server():
 
 @pytest.fixture(scope="session")
 def model_file(tmp_path_factory) -> Path:
-    """An untrained full C3AE (seed 0) in the model-file format: enough for scoring and serving mechanics,
-    where what is checked is that each face gets the model's own output, not that the age is right."""
+    """An untrained full C3AE (seed 0) with the gender and ethnicity heads, in the model-file format: enough for
+    scoring and serving mechanics, where what is checked is that each face gets the model's own outputs
+    (gender among them; the bundled model has no gender head), not that they are right."""
     import torch
 
     from c3ae_ray.config import to_dict
@@ -133,6 +134,6 @@ def model_file(tmp_path_factory) -> Path:
 
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("model") / "seed0.pt"
-    save_model(C3AE().eval(), path, crop_config=to_dict(CropConfig()), meta={"epochs": 0})
+    save_model(C3AE(gender_head=True, ethnicity_head=True).eval(), path, crop_config=to_dict(CropConfig()), meta={"epochs": 0})
     return path
 

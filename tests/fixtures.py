@@ -19,9 +19,9 @@ import scipy.io
 from PIL import Image
 
 
-def record(path, dataset: str, subject=None, age=None, gender=None) -> dict:
+def record(path, dataset: str, subject=None, age=None, gender=None, ethnicity=None) -> dict:
     """A record as read_dataset returns it."""
-    return {"path": str(path), "dataset": dataset, "subject": subject, "age": age, "gender": gender}
+    return {"path": str(path), "dataset": dataset, "subject": subject, "age": age, "gender": gender, "ethnicity": ethnicity}
 
 
 def by_path(records: list[dict]) -> list[dict]:
@@ -48,6 +48,11 @@ def utk_age(face: Path) -> int:
 def utk_gender(face: Path) -> str:
     """UTKFace's own convention: 0 male, 1 female."""
     return {"0": "male", "1": "female"}[face.name.split("_")[1]]
+
+
+def utk_ethnicity(face: Path) -> str:
+    """UTKFace's race field: 0 White, 1 Black, 2 Asian, 3 Indian, 4 Others (the shared README)."""
+    return ["white", "black", "asian", "indian", "other"][int(face.name.split("_")[2])]
 
 
 def _copy(face: Path, target: Path) -> Path:
@@ -179,18 +184,23 @@ def make_imdb(root: Path, utk_dir: Path, n: int = 12) -> dict:
 
 def make_utkface(root: Path, utk_dir: Path, n: int = 12) -> dict:
     """n UTKFace files under root (half in `part2/`, some named `.JPG.CHIP.JPG` or plain `.jpg`), plus
-    two names short of a field or with gender 2 (kept, gender None), two bad names, a hidden file and a
-    text file (ignored). Returns root, records, skipped."""
+    five flawed names that are kept, two bad names, a hidden file and a text file (ignored). Returns root,
+    records, skipped."""
     root = Path(root)
     records = []
     for i, face in enumerate(utk_faces(utk_dir, n)):
         stem = face.name[: -len(".jpg.chip.jpg")]
         name = [face.name, f"{stem}.JPG.CHIP.JPG", f"{stem}.jpg"][i % 3]
         path = _copy(face, root / ("part2" if i % 2 else "") / name)
-        records.append(record(path, "utkface", None, float(utk_age(face)), utk_gender(face)))
+        records.append(record(path, "utkface", None, float(utk_age(face)), utk_gender(face), utk_ethnicity(face)))
     spare = utk_faces(utk_dir, 1)[0]
-    for name, age in [("61_1_20170109142408075.jpg.chip.jpg", 61.0), ("30_2_0_20170103182359125.jpg", 30.0)]:
-        records.append(record(_copy(spare, root / name), "utkface", None, age, None))
+    # The release's flawed names (the shared README): no race field, no gender field, gender 2, a space, no dot.
+    for name, age, gender, ethnicity in [("61_1_20170109142408075.jpg.chip.jpg", 61.0, "female", None),
+                                         ("61_3_20170109150557335.jpg.chip.jpg", 61.0, None, "indian"),
+                                         ("30_2_0_20170103182359125.jpg", 30.0, None, "white"),
+                                         ("24_0_1_20170116220224657 .jpg.chip.jpg", 24.0, "male", "black"),
+                                         ("55_0_0_20170116232725357jpg.chip.jpg", 55.0, "male", "white")]:
+        records.append(record(_copy(spare, root / name), "utkface", None, age, gender, ethnicity))
     for name in ["face.jpg", "x_0_0_20170103182359125.jpg.chip.jpg", "._25_0_0_20170103182359125.jpg.chip.jpg"]:
         _copy(spare, root / name)
     (root / "README.txt").write_text("UTKFace subset\n")

@@ -51,9 +51,10 @@ def sample_crops(region: np.ndarray, boxes: np.ndarray, size: int = CROP_SIZE) -
     return crops
 
 
-def face_crops(image: np.ndarray, face_box, cfg: CropConfig = CropConfig()) -> np.ndarray:
-    """Image (H, W[, C]) and a face box -> the model's input: (len(scales), size, size, 3) uint8."""
-    region, boxes = cut_region(image, face_box, cfg)
+def face_crops(image: np.ndarray, face_box, cfg: CropConfig = CropConfig(), landmarks=None) -> np.ndarray:
+    """Image (H, W[, C]) and a face box (and its landmarks, for aligned crops) -> the model's input:
+    (len(scales), size, size, 3) uint8."""
+    region, boxes = cut_region(image, face_box, cfg, landmarks)
     return sample_crops(region, boxes)
 
 

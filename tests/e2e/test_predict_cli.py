@@ -1,5 +1,5 @@
 """`c3ae predict` as a user types it, with the bundled model: one line per face, per-file errors, JSON,
-annotated copies, and exit 1 only when nothing could be read."""
+annotated copies, and exit 1 only when nothing could be read; with a gender head its gender too."""
 
 from __future__ import annotations
 
@@ -43,6 +43,18 @@ def test_mixed_files_are_reported_each_and_drawn(shared_data, tmp_path):
     original = cv2.imread(str(faces / "multiface.jpg"))
     assert drawn.shape == original.shape and (abs(drawn.astype(int) - original).sum(axis=2) > 60).mean() > 0.001
     assert sorted(p.name for p in draw.iterdir()) == ["multiface.jpg", "no-faces.jpg"]
+
+
+def test_a_model_with_a_gender_head_answers_gender_in_text_and_json(shared_data, model_file):
+    photo = shared_data / "faces" / "ivan.jpg"
+    text = predict(photo, "--model", model_file)
+    assert text.returncode == 0, text.stderr
+    assert re.search(r"^  face 1: age [\d.]+  (female|male) \(p_female 0\.\d\d\)  box ", text.stdout, re.M), text.stdout
+    [result] = json.loads(predict(photo, "--model", model_file, "--json").stdout)
+    [face] = result["faces"]
+    assert face["gender"] == ("female" if face["p_female"] >= 0.5 else "male") and "ethnicity" not in face
+    [bundled] = json.loads(predict(photo, "--json").stdout)
+    assert bundled["faces"][0]["gender"] is None and bundled["faces"][0]["p_female"] is None
 
 
 def test_nothing_readable_is_exit_1(tmp_path):

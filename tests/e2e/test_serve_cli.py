@@ -90,6 +90,11 @@ def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, model_file)
             headers={"Content-Type": "image/jpeg"}, timeout=60,
         )
         assert answer.status_code == 200 and len(answer.json()["faces"]) == 1
+        [face] = answer.json()["faces"]  # this model has a gender head (and an ethnicity one, never shown)
+        assert face["gender"] in ("female", "male") and 0 < face["p_female"] < 1 and "ethnicity" not in face
+        documented = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]["/v1/age"]["post"]["responses"]["200"]
+        example = documented["content"]["application/json"]["example"]["faces"][0]
+        assert {"age", "gender", "p_female"} <= set(example)
     finally:
         output = interrupt(process, lines)
     assert "c3ae serve: ready" in output and f"{url}/" in output and "c3ae serve: stopped" in output

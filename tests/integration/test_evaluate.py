@@ -15,7 +15,7 @@ from c3ae_ray import storage
 from c3ae_ray.config import to_dict
 from c3ae_ray.crops import CropConfig
 from c3ae_ray.evaluate import EvalConfig, evaluate
-from c3ae_ray.protocols import ABLATIONS
+from c3ae_ray.protocols import PAPER_ABLATIONS
 from c3ae_ray.model import C3AE, save_model
 from tests import fixtures
 
@@ -77,7 +77,7 @@ def test_leave_one_person_out_never_trains_on_the_test_person(fgnet_parquet, tmp
 
 def test_the_ablation_trains_each_variant_on_one_split(fgnet_parquet, tmp_path):
     summary = run(fgnet_parquet, tmp_path / "ablation", protocol="ablation", seeds=1, epochs=1, test_fraction=0.3)
-    assert list(summary["groups"]) == list(ABLATIONS) and summary["completed"] == 5
+    assert list(summary["groups"]) == list(PAPER_ABLATIONS) and summary["completed"] == 5
     rows = {r["group"]: r for r in summary["rows"]}
     assert len({tuple(r["test_subjects"]) for r in rows.values()}) == 1  # the same split for every variant
     parameters = {group: row["parameters"] for group, row in rows.items()}
@@ -85,7 +85,29 @@ def test_the_ablation_trains_each_variant_on_one_split(fgnet_parquet, tmp_path):
     assert parameters["no-se"] == 36_565 and parameters["no-context"] < parameters["full"]
     assert parameters["no-cascade"] == parameters["full"]  # same layers; only the head's activation differs
     report = (tmp_path / "ablation" / "report.md").read_text()
-    assert all(f"| {variant} | 1/1 |" in report for variant in ABLATIONS)
+    assert all(f"| {variant} | 1/1 |" in report for variant in PAPER_ABLATIONS)
+    assert all(row["gender_acc"] is None for row in rows.values())  # no gender head in the paper's variants
+
+
+def test_the_ablation_rows_with_heads_report_gender_accuracy(face_parquet, tmp_path):
+    """UTKFace faces carry gender and ethnicity: the +gender rows train those heads and are scored on gender."""
+    summary = run(face_parquet, tmp_path / "heads", protocol="ablation", seeds=1, epochs=1, test_fraction=0.4,
+                  variants=["full", "+gender", "+gender+ethnicity"])
+    rows = {r["group"]: r for r in summary["rows"]}
+    assert summary["completed"] == 3 and rows["full"]["gender_acc"] is None
+    assert rows["+gender"]["parameters"] == rows["full"]["parameters"] + 74  # a 36 -> 2 linear head
+    assert rows["+gender+ethnicity"]["parameters"] == rows["full"]["parameters"] + 74 + 185
+    for group in ("+gender", "+gender+ethnicity"):
+        assert 0 <= rows[group]["gender_acc"] <= 1 and summary["groups"][group]["gender_acc"] == rows[group]["gender_acc"]
+    with open(tmp_path / "heads" / "predictions.csv") as file:
+        predictions = list(csv.DictReader(file))
+    by_group = {g: [p for p in predictions if p["group"] == g] for g in rows}
+    assert all(p["p_female"] == "" for p in by_group["full"]) and all(0 <= float(p["p_female"]) <= 1 for p in by_group["+gender"])
+    known = [p for p in by_group["+gender"] if p["gender"]]
+    right = sum((float(p["p_female"]) >= 0.5) == (p["gender"] == "female") for p in known) / len(known)
+    assert rows["+gender"]["gender_acc"] == pytest.approx(right, abs=1e-4)
+    report = (tmp_path / "heads" / "report.md").read_text()
+    assert f"| {rows['+gender']['gender_acc']:.3f} |" in report
 
 
 def kill_a_trial_while_it_runs(ray_session, data, out, **settings) -> tuple[dict, int]:

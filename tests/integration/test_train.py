@@ -1,20 +1,27 @@
 """`train` on the session's local Ray: a complete run folder (faces held in memory), two streaming workers
-onto S3, a killed worker that resumes from its latest checkpoint, and fine-tuning from a model file."""
+onto S3, a killed worker that resumes from its latest checkpoint, fine-tuning from a model file, gender and
+ethnicity heads with the card's fairness tables, and preprocess -> pretrain -> fine-tune on the real wiki.mat."""
 
 from __future__ import annotations
 
 import csv
 import io
+import shutil
 import threading
 import time
+from pathlib import Path
 
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 import pytest
 import torch
 
 from c3ae_ray import storage
 from c3ae_ray.model import MODEL_FORMAT, load_model
 from c3ae_ray.config import build
+from c3ae_ray.card import write_card
+from c3ae_ray.datasets import read_dataset
+from c3ae_ray.preprocess import PreprocessConfig, preprocess
 from c3ae_ray.train import TrainConfig, train
 from tests import fixtures
 
@@ -111,3 +118,47 @@ def test_fine_tuning_starts_from_the_given_model(one_worker_run, face_parquet, t
     # model (a fresh initialisation would be ~0.1 away) and they did train.
     drift = (model.trunk.features[0][0].weight - start.trunk.features[0][0].weight).abs().max().item()
     assert 0 < drift < 5e-3
+
+
+def test_a_run_with_gender_and_ethnicity_heads_reports_gender_accuracy_and_its_card_the_fairness_tables(face_parquet, tmp_path):
+    out = tmp_path / "heads"
+    # half the faces held out, so that the card's groups have faces each
+    summary = run(face_parquet, out, epochs=1, val_fraction=0.5, model={"gender_head": True, "ethnicity_head": True})
+    history = storage.read_json(*storage.resolve(str(out / "metrics.json")))
+    assert 0 <= history[0]["val_gender_acc"] <= 1 and history[0]["train_gender"] > 0 and history[0]["train_ethnicity"] > 0
+    assert summary["val_gender_acc"] == pytest.approx(history[0]["val_gender_acc"], abs=1e-4)
+    model, _ = load_model(out / "model.pt")
+    assert model.cfg.gender_head and model.cfg.ethnicity_head
+    measured = write_card(str(out / "model.pt"), str(tmp_path / "card"))
+    card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert measured["gender_head"] and 0 <= measured["gender_acc"] <= 1 and measured["gender_faces"] <= measured["faces"]
+    assert f"gender accuracy ({measured['gender_faces']:,} faces with a known gender) | **{measured['gender_acc']:.3f}**" in card
+    assert "| ethnicity (the dataset's label) | faces | MAE | CA(5) | gender accuracy |" in card
+    assert sum(row["faces"] for row in measured["by_ethnicity"]) == measured["faces"]
+    assert "| gender (the dataset's label) |" in card and "| source folder |" in card  # fixture: root and part2/
+
+
+def test_preprocess_pretrain_and_fine_tune_on_the_real_wiki_metadata(ray_session, shared_data, face_parquet, tmp_path):
+    """A `wiki_crop` at the real wiki.mat's own paths (shared faces placed at its first kept entries) through
+    preprocess -> pretraining -> fine-tuning on UTKFace with a gender head added."""
+    crop = tmp_path / "wiki_crop"
+    crop.mkdir()
+    (crop / "wiki.mat").symlink_to(shared_data / "imdb-wiki" / "wiki.mat")
+    chosen = read_dataset("wiki", crop).records[:24]
+    for record, face in zip(chosen, fixtures.utk_faces(shared_data / "utkface", 24, max_age=90)):
+        Path(record["path"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(face, record["path"])
+    summary = preprocess(PreprocessConfig(dataset="wiki", root=str(crop), out=str(tmp_path / "wiki-faces"), limit=24, detectors=2))
+    assert summary["seen"] == 24 and summary["kept"] >= 16, summary
+    rows = pq.read_table(tmp_path / "wiki-faces" / "faces", columns=["path", "age", "gender", "subject"]).to_pylist()
+    by_path = {r["path"]: r for r in chosen}
+    for row in rows:  # labels from the real .mat: DEX ages, its gender coding, the wiki id as subject
+        record = by_path[row["path"]]
+        assert (row["age"], row["gender"], row["subject"]) == (record["age"], record["gender"], record["subject"])
+    pretrained = run(tmp_path / "wiki-faces", tmp_path / "pretrain", epochs=1, val_fraction=0.3)
+    assert pretrained["data"]["train"]["faces"] + pretrained["data"]["val"]["faces"] == summary["kept"]
+    tuned = run(face_parquet, tmp_path / "finetune", epochs=1, init_from=str(tmp_path / "pretrain" / "model.pt"),
+                model={"gender_head": True})
+    model, payload = load_model(tmp_path / "finetune" / "model.pt")
+    assert payload["meta"]["init_from"]["path"] == str(tmp_path / "pretrain" / "model.pt") and model.cfg.gender_head
+    assert 0 <= tuned["val_gender_acc"] <= 1

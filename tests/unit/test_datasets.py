@@ -4,6 +4,7 @@ import math
 import os
 import re
 import shutil
+from collections import Counter
 from datetime import date
 
 import numpy as np
@@ -24,7 +25,7 @@ from tests.fixtures import (
     write_imdb_wiki_mat,
 )
 
-RECORD_KEYS = ["path", "dataset", "subject", "age", "gender"]
+RECORD_KEYS = ["path", "dataset", "subject", "age", "gender", "ethnicity"]
 
 
 @pytest.fixture
@@ -191,19 +192,57 @@ def test_single_entry_mat_and_broken_mats(tmp_path):
         read_dataset("wiki", tmp_path / "short")
 
 
+def test_the_real_wiki_mat(shared_data, tmp_path):
+    """IMDB-WIKI's own wiki.mat (62,328 entries, no images): what each filter drops, DEX ages (checked against the
+    birth date and photo year in each file name), gender coding (0 female, 1 male, NaN unknown), paths."""
+    source = shared_data / "imdb-wiki" / "wiki.mat"
+    crop = tmp_path / "wiki_crop"
+    crop.mkdir()
+    (crop / "wiki.mat").symlink_to(source)
+    raw = scipy.io.loadmat(str(source), variable_names=["wiki"])["wiki"].reshape(-1)[0]
+    face_score, second, gender = (raw[name].reshape(-1).astype(float) for name in ("face_score", "second_face_score", "gender"))
+    assert len(face_score) == 62_328
+    every = read_dataset("wiki", tmp_path, min_face_score=None, drop_second_face=False)  # root: the crop folder's parent
+    assert len(every.records) == 62_328 and every.skipped == {}
+    low = int((~(face_score >= 1.0)).sum())  # -inf (no face) and weak faces
+    seconds = int(((face_score >= 1.0) & ~np.isnan(second)).sum())
+    listing = read_dataset("wiki", crop)
+    assert listing.skipped == {"low_face_score": low, "second_face": seconds}
+    assert len(listing.records) == 62_328 - low - seconds and 20_000 < len(listing.records) < 62_328
+    kept = (face_score >= 1.0) & np.isnan(second)
+    genders = Counter(r["gender"] for r in listing.records)
+    assert genders == {"female": int((gender[kept] == 0).sum()), "male": int((gender[kept] == 1).sum()),
+                       None: int(np.isnan(gender[kept]).sum())}
+    assert genders["male"] > genders["female"] > 0 and genders[None] > 0
+    checked = 0
+    for record in every.records[::50]:
+        assert record["path"].startswith(f"{crop}/") and record["dataset"] == "wiki" and record["ethnicity"] is None
+        name = os.path.basename(record["path"])
+        match = re.fullmatch(r"(\d+)_(\d+)-(\d+)-(\d+)_(\d{4})\.jpg", name)
+        assert match and record["subject"] == match[1]
+        year, month, taken = int(match[2]), int(match[3]), int(match[5])
+        if record["age"] is not None and 1900 < year < 2100 and 1 <= month <= 12:
+            assert record["age"] == taken - year - (month >= 7), name  # DEX: the photo is taken mid-year
+            checked += 1
+    assert checked > 1000
+
+
 # UTKFace
 
 
 def test_utkface_subset(tmp_path, utk):
     built = make_utkface(tmp_path, utk)
     listing = read_dataset("utkface", tmp_path)
-    assert listing.records == built["records"] and len(listing.records) == 14
+    assert listing.records == built["records"] and len(listing.records) == 17
     assert listing.skipped == {"bad_name": 2}
     assert listing.labelled and listing.dataset == "utkface"
     by_name = {os.path.basename(r["path"]): r for r in listing.records}
-    assert by_name["61_1_20170109142408075.jpg.chip.jpg"]["age"] == 61.0
-    assert by_name["61_1_20170109142408075.jpg.chip.jpg"]["gender"] is None  # short of a field
-    assert by_name["30_2_0_20170103182359125.jpg"]["gender"] is None  # gender 2 is neither
+    labels = {name: (r["age"], r["gender"], r["ethnicity"]) for name, r in by_name.items()}
+    assert labels["61_1_20170109142408075.jpg.chip.jpg"] == (61.0, "female", None)  # no race field
+    assert labels["61_3_20170109150557335.jpg.chip.jpg"] == (61.0, None, "indian")  # no gender field
+    assert labels["30_2_0_20170103182359125.jpg"] == (30.0, None, "white")  # gender 2 is neither
+    assert labels["24_0_1_20170116220224657 .jpg.chip.jpg"] == (24.0, "male", "black")  # a space
+    assert labels["55_0_0_20170116232725357jpg.chip.jpg"] == (55.0, "male", "white")  # no dot
     assert any(name.endswith(".JPG.CHIP.JPG") for name in by_name)
     assert any("part2" in r["path"] for r in listing.records)
 
@@ -227,10 +266,27 @@ def test_utkface_real_folder(utk):
     # The release has a few names short of a field; this copy holds one of them.
     assert genderless == {"61_3_20170109150557335.jpg.chip.jpg"}
     assert next(r for r in listing.records if r["gender"] is None)["age"] == 61.0
+    races = ["white", "black", "asian", "indian", "other"]
     for r in listing.records[::97]:
-        age, gender = os.path.basename(r["path"]).split("_")[:2]
+        age, gender, race = os.path.basename(r["path"]).split("_")[:3]
         assert r["age"] == float(age) and r["gender"] == {"0": "male", "1": "female"}[gender]
+        assert r["ethnicity"] == races[int(race)]
     assert 3000 < sum(r["gender"] == "female" for r in listing.records) < 5000
+    assert all(r["ethnicity"] in races for r in listing.records if r["gender"] is not None)
+
+
+def test_utkface_more_keeps_the_releases_flawed_names(shared_data):
+    """The second folder's four flawed names (the shared README) are all kept with what they carry."""
+    more = shared_data / "utkface-more"
+    listing = read_dataset("utkface", more)
+    assert len(listing.records) == 13_885 and listing.skipped == {}
+    labels = {os.path.basename(r["path"]): (r["age"], r["gender"], r["ethnicity"]) for r in listing.records}
+    assert labels["24_0_1_20170116220224657 .jpg.chip.jpg"] == (24.0, "male", "black")
+    assert labels["39_1_20170116174525125.jpg.chip.jpg"] == (39.0, "female", None)
+    assert labels["61_1_20170109150557335.jpg.chip.jpg"] == (61.0, "female", None)
+    assert labels["55_0_0_20170116232725357jpg.chip.jpg"] == (55.0, "male", "white")
+    assert sum(r["gender"] is None for r in listing.records) == 0
+    assert sum(r["ethnicity"] is None for r in listing.records) == 2
 
 
 # FG-NET

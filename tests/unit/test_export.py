@@ -1,5 +1,5 @@
 """Exports run as their users run them (onnxruntime, torch.jit.load) and agree with PyTorch within 1e-4 years,
-for any batch size."""
+for any batch size; a model with a gender head exports p_female too, never its ethnicity head."""
 
 from __future__ import annotations
 
@@ -9,27 +9,45 @@ import numpy as np
 import pytest
 import torch
 
-from c3ae_ray.export import AgeAndDistribution, export_model, run_export
+from c3ae_ray.export import Exported, export_model, run_export
 from c3ae_ray.model import BUNDLED_MODEL, C3AE, load_model, save_model
 
+
+@pytest.fixture(scope="module")
+def gender_model(tmp_path_factory) -> Path:
+    """A model with both heads (random weights: parity does not need a trained one)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("heads") / "heads.pt"
+    save_model(C3AE(gender_head=True, ethnicity_head=True), path)
+    return path
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-def test_exports_match_pytorch_within_1e4_years(fmt, tmp_path):
+@pytest.mark.parametrize("which", ["bundled", "gender"])
+def test_exports_match_pytorch_within_1e4_years(fmt, which, tmp_path, gender_model):
+    source = BUNDLED_MODEL if which == "bundled" else gender_model
     out = str(tmp_path / f"model.{fmt}")
-    summary = export_model(BUNDLED_MODEL, fmt, out)
+    summary = export_model(source, fmt, out)
+    outputs = ["age", "distribution"] + ["p_female"] * (which == "gender")
+    assert summary["outputs"] == outputs
     assert summary["max_age_difference"] <= 1e-4 and Path(out).stat().st_size == summary["bytes"] > 10_000
-    model, _ = load_model(BUNDLED_MODEL)
+    model, _ = load_model(source)
     for n in (1, 5, 64):  # the batch axis is free
         crops = np.random.default_rng(n).integers(0, 256, (n, 3, 3, 64, 64), dtype=np.uint8)
-        age, distribution = run_export(fmt, out, crops)
+        exported = run_export(fmt, out, crops, outputs)
         with torch.inference_mode():
-            expected_age, expected_distribution = model.eval()(torch.from_numpy(crops))
-        assert age.shape == (n,) and distribution.shape == (n, 12)
-        assert np.abs(age - expected_age.numpy()).max() <= 1e-4
-        assert np.abs(distribution - expected_distribution.numpy()).max() <= 1e-5
-        assert np.allclose(distribution.sum(axis=1), 1, atol=1e-5)
+            expected = model.eval()(torch.from_numpy(crops))
+        assert exported["age"].shape == (n,) and exported["distribution"].shape == (n, 12)
+        assert np.abs(exported["age"] - expected.age.numpy()).max() <= 1e-4
+        assert np.abs(exported["distribution"] - expected.distribution.numpy()).max() <= 1e-5
+        assert np.allclose(exported["distribution"].sum(axis=1), 1, atol=1e-5)
+        if which == "gender":
+            p_female = exported["p_female"]
+            assert p_female.shape == (n,) and ((0 <= p_female) & (p_female <= 1)).all()
+            assert np.abs(p_female - expected.p_female().numpy()).max() <= 1e-5
 
 
 def test_a_model_without_the_cascade_has_no_distribution_to_export(tmp_path):
     save_model(C3AE(cascade=False), tmp_path / "plain.pt")
     with pytest.raises(ValueError, match="cascade"):
-        AgeAndDistribution(load_model(tmp_path / "plain.pt")[0])
+        Exported(load_model(tmp_path / "plain.pt")[0])

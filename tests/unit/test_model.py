@@ -10,8 +10,12 @@ from c3ae_ray.model import (
     VARIANTS,
     C3AE,
     ModelConfig,
+    UNKNOWN,
+    Prediction,
     c3ae_loss,
     count_parameters,
+    encode_age,
+    gaussian,
     load_model,
     save_model,
     two_point,
@@ -31,8 +35,8 @@ def test_parameter_counts_match_the_paper():
 def test_forward_shapes_for_every_variant(variant):
     cfg = VARIANTS[variant]
     model = C3AE(cfg).eval()
-    age, distribution = model(torch.randint(0, 256, (5, 3, 3, 64, 64), dtype=torch.uint8))
-    assert age.shape == (5,)
+    age, distribution, gender, ethnicity = model(torch.randint(0, 256, (5, 3, 3, 64, 64), dtype=torch.uint8))
+    assert age.shape == (5,) and gender is None and ethnicity is None
     if cfg.cascade:
         assert distribution.shape == (5, 12)
         torch.testing.assert_close(distribution.sum(1), torch.ones(5))
@@ -41,13 +45,15 @@ def test_forward_shapes_for_every_variant(variant):
 
 
 def test_no_context_uses_only_the_outermost_crop():
+    torch.manual_seed(0)
     model = C3AE(context=False).eval()
     crops = torch.randint(0, 256, (2, 3, 3, 64, 64)).float()
     changed = crops.clone()
     changed[:, :2] = 0  # the two inner scales
-    torch.testing.assert_close(model(crops)[0], model(changed)[0])
+    torch.testing.assert_close(model(crops).distribution, model(changed).distribution)
     changed[:, 2] = 0
-    assert not torch.allclose(model(crops)[0], model(changed)[0])
+    # an untrained model answers nearly one age for anything: compare its bins, exactly
+    assert not torch.equal(model(crops).distribution, model(changed).distribution)
 
 
 def test_mirror_average_averages_each_face_with_its_mirror_image_in_eval_mode_only():
@@ -57,8 +63,8 @@ def test_mirror_average_averages_each_face_with_its_mirror_image_in_eval_mode_on
     mirrored.load_state_dict(trained.state_dict())
     torch.manual_seed(0)
     crops = torch.randint(0, 256, (4, 3, 3, 64, 64)).float()
-    age, distribution = mirrored(crops)
-    (age_a, dist_a), (age_b, dist_b) = plain(crops), plain(crops.flip(-1))
+    age, distribution, _, _ = mirrored(crops)
+    (age_a, dist_a, _, _), (age_b, dist_b, _, _) = plain(crops), plain(crops.flip(-1))
     torch.testing.assert_close(age, (age_a + age_b) / 2)
     torch.testing.assert_close(distribution, (dist_a + dist_b) / 2)
     assert (age - age_a).abs().max() > 0.1  # random crops are not symmetric: the mirror pass counts
@@ -119,18 +125,36 @@ def test_two_point_follows_the_configured_bins():
     torch.testing.assert_close(encoding, torch.tensor([0.0, 0.5, 0.5, 0.0]))
 
 
+def test_gaussian_label_distribution_centres_on_the_age_and_trains_the_bins():
+    ages = torch.tensor([0.0, 30.0, 47.5, 200.0])
+    encoded = gaussian(ages, sigma=2.0)  # K = 1: bins 0..110
+    assert encoded.shape == (4, 111)
+    torch.testing.assert_close(encoded.sum(1), torch.ones(4))
+    torch.testing.assert_close((encoded[1:3] * torch.arange(111.0)).sum(1), ages[1:3])  # interior: mean = age
+    assert encoded[3].argmax() == 110  # clipped to the last bin
+    assert abs(encoded[1, 28].item() - encoded[1, 32].item()) < 1e-6 and encoded[1, 30] > encoded[1, 32]
+    cfg = ModelConfig(label_encoding="gaussian", n_bins=111, interval=1.0, sigma=2.0)
+    model = C3AE(cfg)
+    target = encode_age(ages[:3], cfg)
+    perfect = c3ae_loss(model, Prediction(ages[:3], target), ages[:3])
+    assert perfect["kl"].item() == pytest.approx(0, abs=1e-5)
+    torch.testing.assert_close(encode_age(ages, ModelConfig()), two_point(ages))  # the default: the paper's
+    with pytest.raises(ValueError, match="label_encoding must be one of two_point, gaussian"):
+        ModelConfig(label_encoding="triangle")
+
+
 def test_loss_parts():
     torch.manual_seed(0)
     model = C3AE()
     age_true = torch.tensor([68.0, 25.0])
     perfect = two_point(age_true)
-    loss = c3ae_loss(model, torch.tensor([70.0, 20.0]), perfect, age_true, alpha=10.0)
+    loss = c3ae_loss(model, Prediction(torch.tensor([70.0, 20.0]), perfect), age_true, alpha=10.0)
     assert loss["kl"].item() == pytest.approx(0.0, abs=1e-5)  # predicted == target distribution
     assert loss["l1"].item() == pytest.approx(3.5)
     assert loss["total"].item() == pytest.approx(3.5, abs=1e-4)
 
     uniform = torch.full((2, 12), 1 / 12)
-    loss = c3ae_loss(model, age_true, uniform, age_true, alpha=10.0)
+    loss = c3ae_loss(model, Prediction(age_true, uniform), age_true, alpha=10.0)
     entropy = -(perfect.clamp_min(1e-12).log() * perfect).sum(1).mean()
     expected_kl = torch.log(torch.tensor(12.0)) - entropy
     assert loss["kl"].item() == pytest.approx(expected_kl.item(), rel=1e-4)
@@ -140,11 +164,52 @@ def test_loss_parts():
 
 def test_no_cascade_loss_has_no_kl():
     model = C3AE(cascade=False)
-    age, distribution = model(torch.zeros(2, 3, 3, 64, 64))
-    loss = c3ae_loss(model, age, distribution, torch.tensor([30.0, 40.0]))
+    loss = c3ae_loss(model, model(torch.zeros(2, 3, 3, 64, 64)), torch.tensor([30.0, 40.0]))
     assert loss["kl"].item() == 0
     loss["total"].backward()
     assert model.trunk.feat.weight.grad is not None
+
+
+def test_gender_and_ethnicity_heads_add_under_5_percent_and_answer_probabilities():
+    full = count_parameters(C3AE())
+    both = C3AE(gender_head=True, ethnicity_head=True).eval()
+    assert full < count_parameters(both) <= 1.05 * full
+    prediction = both(torch.randint(0, 256, (4, 3, 3, 64, 64), dtype=torch.uint8))
+    assert prediction.gender.shape == (4, 2) and prediction.ethnicity.shape == (4, 5)
+    p_female = prediction.p_female()
+    assert p_female.shape == (4,) and ((0 < p_female) & (p_female < 1)).all()
+    torch.testing.assert_close(p_female, torch.softmax(prediction.gender, 1)[:, 1])
+    assert C3AE().eval()(torch.zeros(1, 3, 3, 64, 64)).p_female() is None
+
+
+def test_head_losses_count_only_known_labels_and_weigh_in():
+    torch.manual_seed(0)
+    model = C3AE(gender_head=True, ethnicity_head=True)
+    age = torch.tensor([30.0, 40.0, 50.0])
+    logits = torch.tensor([[2.0, -1.0], [0.0, 3.0], [5.0, 5.0]])
+    prediction = Prediction(age, two_point(age), logits, torch.zeros(3, 5))
+    gender = torch.tensor([0, 1, UNKNOWN])
+    loss = c3ae_loss(model, prediction, age, gender=gender, ethnicity=torch.tensor([UNKNOWN] * 3), gender_weight=2.0)
+    expected = torch.nn.functional.cross_entropy(logits[:2], gender[:2])  # the unknown third face adds nothing
+    assert loss["gender"].item() == pytest.approx(expected.item(), rel=1e-5)
+    assert loss["ethnicity"].item() == 0  # no face with a known ethnicity
+    assert loss["total"].item() == pytest.approx(2.0 * expected.item(), rel=1e-4)  # age parts are 0 here
+    no_labels = c3ae_loss(model, prediction, age)  # evaluation trials feed ages only
+    assert "gender" not in no_labels and no_labels["total"].item() == pytest.approx(0, abs=1e-4)
+
+
+def test_an_age_only_model_file_still_loads_without_heads(tmp_path):
+    """Files written before the heads existed carry no head switches: they load as age-only models."""
+    model = C3AE()
+    save_model(model, tmp_path / "old.pt")
+    payload = torch.load(tmp_path / "old.pt", weights_only=True)
+    for switch in ("gender_head", "ethnicity_head"):
+        del payload["model_config"][switch]
+    torch.save(payload, tmp_path / "old.pt")
+    loaded, _ = load_model(tmp_path / "old.pt")
+    assert not loaded.cfg.gender_head and loaded.gender is None and loaded.ethnicity is None
+    loaded_bundled, _ = load_model(BUNDLED_MODEL)
+    assert loaded_bundled(torch.zeros(1, 3, 3, 64, 64)).gender is None
 
 
 def test_model_file_round_trip(tmp_path):

@@ -7,8 +7,8 @@ import pytest
 
 from c3ae_ray import plots
 from c3ae_ray.evaluate import EvalConfig
-from c3ae_ray.metrics import age_metrics, by_decade
-from c3ae_ray.protocols import ABLATIONS, format_report, plan_trials
+from c3ae_ray.metrics import age_metrics, by_decade, by_group, gender_metrics
+from c3ae_ray.protocols import ABLATIONS, PAPER_ABLATIONS, format_report, plan_trials
 
 # 10 people with 3 to 7 photos each, 50 photos in all.
 SUBJECTS = [f"{p:03d}" for p in range(10) for _ in range(3 + p % 5)]
@@ -52,7 +52,7 @@ def test_leave_one_person_out_has_one_fold_per_person():
 
 def test_the_ablation_crosses_variants_and_seeds_on_one_hash_split():
     trials = plan(protocol="ablation", seeds=2, seed=5)
-    assert [(t["group"], t["seed"]) for t in trials] == [(v, s) for v in ABLATIONS for s in (5, 6)]
+    assert [(t["group"], t["seed"]) for t in trials] == [(v, s) for v in PAPER_ABLATIONS for s in (5, 6)]
     assert len({tuple(t["test"]) for t in trials}) == 1
     switches = {t["group"]: (t["switches"], t["augment"]) for t in trials}
     assert switches["no-context"] == ({"context": False}, True) and switches["no-augment"] == ({}, False)
@@ -87,6 +87,19 @@ def test_age_metrics_are_mae_and_cumulative_accuracy():
     assert [(d["ages"], d["faces"], d["mae"]) for d in decades] == [("10-19", 1, 2.0), ("20-29", 1, 4.0), ("30-39", 1, 6.0), ("40-49", 1, 8.0)]
 
 
+def test_gender_accuracy_and_the_fairness_groups():
+    p_female = [0.9, 0.2, 0.6, 0.4, 0.7]
+    genders = ["female", "male", "male", None, "female"]  # right, right, wrong, unknown, right
+    assert gender_metrics(p_female, genders) == {"gender_faces": 4, "gender_acc": 0.75}
+    assert gender_metrics([0.5], [None]) == {"gender_faces": 0, "gender_acc": None}
+    groups = by_group(["white", "black", None, "white", "black"], [10, 20, 30, 40, 50], [12, 20, 33, 40, 40], p_female, genders)
+    assert [(g["group"], g["faces"], g["mae"], g["gender_acc"]) for g in groups] == [
+        ("black", 2, 5.0, 1.0), ("white", 2, 1.0, 1.0), ("unknown", 1, 3.0, 0.0)]  # unknown last
+    decades = by_decade([10, 20, 30, 40, 50], [12, 20, 33, 40, 40], p_female, genders)
+    assert [(d["ages"], d["faces"], d["gender_faces"]) for d in decades] == [("10-19", 1, 1), ("20-29", 1, 1), ("30-39", 1, 1), ("40-49", 2, 1)]
+    assert "gender_acc" not in by_group(["a"], [1], [1])[0]  # age-only models: no gender columns
+
+
 def test_the_report_lists_failed_trials_and_the_figures_plot_the_results():
     rows = [
         {"trial": 0, "name": "subject 001", "group": "lopo", "status": "ok", "test_subjects": ["001"], "train_size": 9,
@@ -95,11 +108,11 @@ def test_the_report_lists_failed_trials_and_the_figures_plot_the_results():
          "train_size": 9, "test_size": 3, "retries": 2, "error": "ActorDiedError: killed"},
     ]
     group = {"trials": 2, "completed": 1, "failed": 1, "mae_mean": 4.0, "mae_std": 0.0, "pooled_mae": 4.0,
-             "ca3": 0.3, "ca5": 0.6, "ca7": 1.0, "test_faces": 3}
+             "ca3": 0.3, "ca5": 0.6, "ca7": 1.0, "gender_acc": None, "test_faces": 3}
     summary = {"protocol": "lopo", "data": {"location": "d", "faces": 12}, "config": {"epochs": 3, "init_from": None},
                "groups": {"lopo": group}, "rows": rows, **group}
     report = format_report(summary)
-    assert "| lopo | 1/2 (1 failed) | 4.00 ± 0.00 |" in report
+    assert "| lopo | 1/2 (1 failed) | 4.00 ± 0.00 | 4.00 | 0.300 | 0.600 | 1.000 | - | 3 |" in report  # no gender head: -
     assert "| subject 001 | 001 | 9 | 3 | 0 | 4.00 | 0.300 | 0.600 | 1.000 | ok after 1 retry |" in report
     assert "| subject 002 | 002 | 9 | 3 | - | - | - | - | - | FAILED: ActorDiedError: killed after 2 retries |" in report
     true, predicted = np.array([5.0, 15, 25, 70]), np.array([7.0, 12, 30, 60])

@@ -13,7 +13,7 @@ from c3ae_ray.config import UserError
 from c3ae_ray.images import decode_image
 from c3ae_ray.inference import Estimator, ImageFailure
 from c3ae_ray.model import load_model, model_identity
-from c3ae_ray.score import answer_rows, list_images
+from c3ae_ray.score import SCHEMA, answer_rows, list_images
 from tests.bad_files import write_bad_files
 from tests.oracles import crops_to_tensor, face_crops
 
@@ -87,10 +87,13 @@ def test_each_face_gets_the_model_output_on_the_shared_crop_geometry(estimator, 
     model, _ = load_model(model_file)
     crops = np.stack([face_crops(image, face.box, estimator.age_model.crop) for face in result.faces])
     with torch.inference_mode():
-        ages, distributions = model(crops_to_tensor(crops))
+        prediction = model(crops_to_tensor(crops))
+        ages, distributions, p_female = prediction.age, prediction.distribution, prediction.p_female()
     # the scorer cuts with the batched training crops (no uint8 rounding): equal to well under a year
     np.testing.assert_allclose([f.age for f in result.faces], ages.clamp_min(0).numpy(), atol=0.05)
     np.testing.assert_allclose(np.stack([f.distribution for f in result.faces]), distributions.numpy(), atol=2e-3)
+    np.testing.assert_allclose([f.p_female for f in result.faces], p_female.numpy(), atol=2e-3)
+    assert [f.gender for f in result.faces] == ["female" if f.p_female >= 0.5 else "male" for f in result.faces]
     assert all(f.landmarks.shape == (5, 2) for f in result.faces)
 
 
@@ -125,6 +128,8 @@ def test_rows_for_faces_no_face_and_bad_files(estimator, shared_data, tmp_path):
     assert single["status"] == "face" and len(single["box"]) == 4 and len(single["landmarks"]) == 10
     assert len(single["distribution"]) == 12 and sum(single["distribution"]) == pytest.approx(1, abs=1e-4)
     assert single["age"] >= 0 and single["face_score"] >= 0.9
+    assert single["gender"] == ("female" if single["p_female"] >= 0.5 else "male") and 0 < single["p_female"] < 1
+    assert all(set(row) == set(SCHEMA.names) for row in rows) and "ethnicity" not in SCHEMA.names  # a training aid only
     assert {(r["model_name"], r["model_version"]) for r in rows} == {("test", "7")}
 
 

@@ -17,7 +17,7 @@ from c3ae_ray.cli import build_parser
 from c3ae_ray.config import UserError, build, to_dict
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.faces import decode_faces, in_validation, split_key
-from c3ae_ray.model import C3AE, ModelConfig, save_model
+from c3ae_ray.model import UNKNOWN, C3AE, ModelConfig, load_weights, save_model
 from c3ae_ray.train import TrainConfig
 
 
@@ -163,6 +163,19 @@ def test_decoding_face_rows_gives_the_regions_and_boxes_and_respects_the_split()
         decode_faces(table, None, 0.0, CropConfig(scales=(1.0, 1.5, 1.7)))
 
 
+def test_decoded_rows_carry_gender_and_ethnicity_codes_unknown_where_missing():
+    """Outputs of older versions have no ethnicity column; missing labels become UNKNOWN (no loss)."""
+    table, _ = face_rows(4)
+    assert decode_faces(table, None, 0.0, CropConfig())["gender"].tolist() == [UNKNOWN] * 4
+    labelled = table.append_column("gender", pa.array(["female", "male", None, "female"]))
+    labelled = labelled.append_column("ethnicity", pa.array(["white", None, "other", "asian"]))
+    decoded = decode_faces(labelled, None, 0.0, CropConfig())
+    assert decoded["gender"].tolist() == [1, 0, UNKNOWN, 1]  # model.GENDERS order: male, female
+    assert decoded["ethnicity"].tolist() == [0, UNKNOWN, 4, 2]
+    only_gender = decode_faces(table.append_column("gender", pa.array(["male"] * 4)), None, 0.0, CropConfig())
+    assert only_gender["gender"].tolist() == [0] * 4 and only_gender["ethnicity"].tolist() == [UNKNOWN] * 4
+
+
 def test_a_run_folder_is_resumed_only_with_the_same_settings(tmp_path):
     fs, out = storage.resolve(str(tmp_path / "run"))
 
@@ -210,6 +223,22 @@ def test_fine_tuning_takes_the_models_switches_and_refuses_other_scales_or_switc
         train.initial_weights(replace_init(cfg, tmp_path / "junk.pt"), CropConfig())
 
 
+def test_fine_tuning_an_age_model_can_add_heads_that_start_fresh(tmp_path):
+    torch.manual_seed(0)
+    age_only = C3AE()
+    save_model(age_only, tmp_path / "age.pt", crop_config=to_dict(CropConfig()))
+    cfg = train_config(data="d", out="o", init_from=str(tmp_path / "age.pt"), model={"gender_head": True})
+    adopted, state, _ = train.initial_weights(cfg, CropConfig())
+    assert adopted.model.gender_head and not adopted.model.ethnicity_head
+    model, _, _ = loop.build_training(adopted, state, "cpu")
+    assert torch.equal(model.w1.weight, age_only.w1.weight) and model.gender is not None
+    save_model(model, tmp_path / "gender.pt", crop_config=to_dict(CropConfig()))
+    kept, _, _ = train.initial_weights(train_config(data="d", out="o", init_from=str(tmp_path / "gender.pt")), CropConfig())
+    assert kept.model.gender_head  # a file's head is kept when the run does not ask for it
+    with pytest.raises(UserError, match="do not fit"):
+        load_weights(C3AE(), model.state_dict())  # weights of a head the network lacks
+
+
 def replace_init(cfg: TrainConfig, path, **model) -> TrainConfig:
     from dataclasses import replace
 
@@ -254,3 +283,24 @@ def test_an_epoch_and_a_validation_pass_without_ray():
         errors = (model.eval()(torch.cat([crop_batch(b["region"], b["boxes"]) for b in batches]))[0]
                   - torch.from_numpy(decoded["age"])).abs()
     assert metrics["val_mae"] == pytest.approx(errors.mean().item(), rel=1e-5)
+
+
+def test_with_a_gender_head_the_loop_trains_it_and_validation_reports_its_accuracy():
+    table, _ = face_rows(12)
+    genders = ["female", "male", None] * 4
+    decoded = decode_faces(table.append_column("gender", pa.array(genders)), None, 0.0, CropConfig())
+    batches = [{k: torch.from_numpy(v[i : i + 6]) for k, v in decoded.items()} for i in (0, 6)]
+    cfg = train_config(data="d", out="o", model={"gender_head": True, "ethnicity_head": True})
+    model, optimizer, _ = loop.build_training(cfg, None, torch.device("cpu"))
+    before = model.gender.weight.detach().clone()
+    record = loop.train_epoch(model, optimizer, batches, cfg, torch.Generator(), torch.device("cpu"))
+    assert record["train_gender"] > 0 and record["train_ethnicity"] == 0  # no ethnicity labels here
+    assert not torch.equal(before, model.gender.weight)
+    metrics = loop.validate(model, batches, cfg, torch.device("cpu"))
+    with torch.no_grad():
+        predicted = model.eval()(torch.cat([crop_batch(b["region"], b["boxes"]) for b in batches])).gender.argmax(1)
+    known = torch.from_numpy(decoded["gender"]) != UNKNOWN
+    expected = (predicted[known] == torch.from_numpy(decoded["gender"])[known]).float().mean().item()
+    assert metrics["val_gender_acc"] == pytest.approx(expected)
+    assert "val_gender_acc" not in loop.validate(loop.build_training(train_config(data="d", out="o"), None, "cpu")[0],
+                                                 batches, train_config(data="d", out="o"), torch.device("cpu"))
