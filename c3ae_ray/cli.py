@@ -266,11 +266,14 @@ def _add_ablate(commands) -> None:
     from c3ae_ray.protocols import ABLATIONS
 
     command = (
-        _Command(commands, "ablate", EvalConfig, _evaluate, "the paper's ablation on Ray Tune: full, no-context, no-cascade, no-augment, no-SE",
+        _Command(commands, "ablate", EvalConfig, _evaluate, "the paper's ablation on Ray Tune: full, no-context, no-cascade, no-augment, "
+                 "no-SE, and the seeds' heads, Gaussian labels and aligned crops",
                  "Train every model variant with several seeds on one hash split (as training's) and compare them on its "
                  "test part, each a Ray Tune trial.")
         .flag("--seeds", "seeds", "trials per variant", type=_positive_int)
         .flag("--variants", "variants", nargs="+", choices=ABLATIONS)
+        .flag("--aligned-data", "aligned_data", "`c3ae preprocess --align` output of the same images: the aligned variants "
+              "train and test on it, every row on the images both outputs hold")
         .flag("--test-fraction", "test_fraction", "share held out by a hash of subject or path", type=float)
     )
     _trial_flags(command)

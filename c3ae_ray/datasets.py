@@ -94,9 +94,15 @@ def _record(path, dataset: str, subject: str | None, age: float | None, gender: 
 
 
 def _image_files(root: Path) -> list[Path]:
-    """Image files under root, recursively; hidden files and folders (`._x.jpg` resource forks) are no images."""
-    found = []
-    for folder, subfolders, names in os.walk(root):
+    """Image files under root, recursively; hidden files and folders (`._x.jpg` resource forks) are no images.
+    Linked folders are followed, each real folder once: a root of links to several folders reads them all."""
+    found, visited = [], set()
+    for folder, subfolders, names in os.walk(root, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in visited:
+            subfolders[:] = []
+            continue
+        visited.add(real)
         subfolders[:] = [name for name in subfolders if not name.startswith(".")]
         found += [
             Path(folder, name)

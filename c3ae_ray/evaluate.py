@@ -58,7 +58,8 @@ class EvalConfig:
     test_size: int = 30  # splits: test images per split (the paper's 30 of FG-NET's 1,002)
     by_subject: bool = False  # splits: the test part is whole people
     seeds: int = 3  # ablation: trials per variant
-    variants: tuple[str, ...] = PAPER_ABLATIONS  # ablation; also +gender, +gender+ethnicity (protocols.ABLATIONS)
+    variants: tuple[str, ...] = PAPER_ABLATIONS  # ablation; also the seeds' methods (protocols.ABLATIONS)
+    aligned_data: str | None = None  # ablation: `c3ae preprocess --align` of the same images, for the aligned rows
     test_fraction: float = 0.1  # ablation: share held out by a hash of subject or path, as in training
     init_from: str | None = None  # fine-tune every trial from this model.pt (splits, lopo)
     epochs: int = 30  # per trial
@@ -80,6 +81,10 @@ class EvalConfig:
         check(self.trial_cpus > 0 and self.trial_gpus >= 0 and self.max_failures >= 0,
               "trial_cpus must be positive, trial_gpus and max_failures not negative")
         check(not (self.protocol == "ablation" and self.init_from), "the ablation trains every variant from scratch: --init-from does not apply")
+        aligned = [v for v in self.variants if ABLATIONS[v].aligned] if self.protocol == "ablation" else []
+        check(bool(aligned) == bool(self.aligned_data),
+              f"the variants {', '.join(aligned)} need --aligned-data (a `c3ae preprocess --align` output of the same images)"
+              if aligned else "--aligned-data is read only by the ablation's aligned variants (protocols.ABLATIONS)")
 
     def training(self) -> TrainConfig:
         """The training settings every trial shares (`data`/`out` only say where they come from)."""
@@ -96,7 +101,7 @@ def run_trial(config: dict, setup: dict) -> None:
 
     spec = setup["trials"][config["trial"]]
     cfg = build(TrainConfig, spec["train_config"])
-    faces = setup["faces"]
+    faces = setup["aligned_faces" if spec["aligned"] else "faces"]
     device = torch.device("cuda" if setup["gpus"] > 0 and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(setup["threads"])
@@ -206,13 +211,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     started = time.perf_counter()
     data = open_faces(cfg.data)
     faces = read_faces(data)
+    aligned_faces = None
+    if cfg.aligned_data:
+        faces, aligned_faces = _same_images(data, faces, open_faces(cfg.aligned_data))
     plan = plan_trials(cfg, faces["path"], faces["subject"])
     base, init_state, init_provenance = initial_weights(cfg.training(), data.crop)
     for spec in plan:
         spec["train_config"] = to_dict(replace(base, seed=spec["seed"], model=replace(base.model, **spec["switches"]),
                                                augment=AugmentConfig() if spec["augment"] else None))
     filesystem, out = storage.resolve(cfg.out)
-    setup = {"trials": plan, "faces": faces, "init_state": init_state, "region_size": data.crop.region_size,
+    setup = {"trials": plan, "faces": faces, "aligned_faces": aligned_faces, "init_state": init_state, "region_size": data.crop.region_size,
              "threads": max(1, int(cfg.trial_cpus)), "gpus": cfg.trial_gpus}
     retries: dict[int, int] = {}
     # Tune saves the experiment state (which trials finished) at most every 10 s by default; trials take
@@ -230,16 +238,38 @@ def evaluate(cfg: EvalConfig) -> dict:
         grid = _tuner(cfg, trainable, filesystem, out, resuming, [t["name"] for t in plan], retries).fit()
         results = {result.config["trial"]: result for result in grid}
     rows, predictions = trial_rows(plan, faces, results, retries)
-    summary = _summarize(cfg, data, rows, predictions, init_provenance, time.perf_counter() - started)
+    summary = _summarize(cfg, data, len(faces["path"]), rows, predictions, init_provenance, time.perf_counter() - started)
     _write_report(filesystem, out, summary, predictions)
     return summary
 
 
-def _summarize(cfg: EvalConfig, data: FaceData, rows, predictions, init_provenance, elapsed: float) -> dict:
+def _same_images(data: FaceData, faces: dict, aligned: FaceData) -> tuple[dict, dict]:
+    """The faces that both preprocessings kept, in one order, so that every ablation row (aligned or not)
+    trains and tests on the same images: (plain faces, aligned faces), each a `read_faces` dict."""
+    check(aligned.crop.align, f"--aligned-data {aligned.location} was preprocessed without --align")
+    check(aligned.crop.region_size == data.crop.region_size,
+          f"--aligned-data has {aligned.crop.region_size}px regions, --data {data.crop.region_size}px: preprocess both with one geometry")
+    aligned_faces = read_faces(aligned)
+    where = {path: i for i, path in enumerate(aligned_faces["path"])}
+    both = [i for i, path in enumerate(faces["path"]) if path in where]
+    check(bool(both), f"--data and --aligned-data share no images (matched by source path)")
+    print(f"aligned rows: {len(both)} images in both preprocessings; left out: {len(faces['path']) - len(both)} only in --data, "
+          f"{len(aligned_faces['path']) - len(both)} only in --aligned-data", flush=True)
+    return _rows(faces, both), _rows(aligned_faces, [where[faces["path"][i]] for i in both])
+
+
+def _rows(faces: dict, rows: list[int]) -> dict:
+    """A `read_faces` dict cut down to `rows`, in that order."""
+    return {name: column[rows] if isinstance(column, np.ndarray) else [column[i] for i in rows] for name, column in faces.items()}
+
+
+def _summarize(cfg: EvalConfig, data: FaceData, images: int, rows, predictions, init_provenance, elapsed: float) -> dict:
     groups = list(dict.fromkeys(r["group"] for r in rows))
     return {
         "protocol": cfg.protocol,
         "data": data.describe(),
+        "aligned_data": cfg.aligned_data,
+        "images": images,  # the faces the trials drew from (with aligned rows: those both preprocessings kept)
         "out": cfg.out,
         **aggregate(rows, predictions),
         "failed_trials": [{"name": r["name"], "error": r["error"]} for r in rows if r["status"] == "failed"],

@@ -4,14 +4,15 @@ trials' results add up into the report.
     splits    the paper's FG-NET protocol: `repeats` seeded random splits of `test_size` test images; with
               `by_subject` the test part is whole people (identity-disjoint), drawn until it holds test_size
     lopo      leave one person out: one fold per subject, the literature's FG-NET standard
-    ablation  full, no-context, no-cascade, no-augment, no-SE x `seeds` on one hash split (as training's)
+    ablation  full, no-context, no-cascade, no-augment, no-SE x `seeds` on one hash split (as training's),
+              and the seeds' methods: heads, Gaussian labels, aligned crops (from an aligned preprocessing)
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -32,16 +33,29 @@ def _switches(variant: ModelConfig) -> dict:
     return {k: v for k, v in asdict(variant).items() if v != full[k]}
 
 
+class Variant(NamedTuple):
+    """One ablation row: the model's switches against the full model, augmentation on or off, and whether it
+    trains and tests on the aligned preprocessing of the same images (`EvalConfig.aligned_data`)."""
+
+    switches: dict
+    augment: bool = True
+    aligned: bool = False
+
+
+GENDER = _switches(ModelConfig(gender_head=True))
+HEADS = _switches(ModelConfig(gender_head=True, ethnicity_head=True))
 # The paper's ablation (Fig. 5): each variant drops one ingredient of the full model (model.VARIANTS), or
 # the training augmentation; then the seeds' additions: the full model with a gender head, with gender and
-# (auxiliary) ethnicity heads, and with a Gaussian label distribution over 1-year bins (K = 1) instead of the
-# two-point encoding over 10-year bins. name -> (model switches, augmentation on)
+# (auxiliary) ethnicity heads, with a Gaussian label distribution over 1-year bins (K = 1) instead of the
+# two-point encoding over 10-year bins, on aligned crops, and the combination of the additions that helped.
 PAPER_ABLATIONS = ("full", "no-context", "no-cascade", "no-augment", "no-se")
-ABLATIONS: dict[str, tuple[dict, bool]] = {
-    **{name: (_switches(VARIANTS["full" if name == "no-augment" else name]), name != "no-augment") for name in PAPER_ABLATIONS},
-    "+gender": (_switches(ModelConfig(gender_head=True)), True),
-    "+gender+ethnicity": (_switches(ModelConfig(gender_head=True, ethnicity_head=True)), True),
-    "gaussian-k1": (_switches(ModelConfig(label_encoding="gaussian", n_bins=111, interval=1.0)), True),
+ABLATIONS: dict[str, Variant] = {
+    **{name: Variant(_switches(VARIANTS["full" if name == "no-augment" else name]), name != "no-augment") for name in PAPER_ABLATIONS},
+    "+gender": Variant(GENDER),
+    "+gender+ethnicity": Variant(HEADS),
+    "gaussian-k1": Variant(_switches(ModelConfig(label_encoding="gaussian", n_bins=111, interval=1.0))),
+    "aligned": Variant({}, aligned=True),
+    "+gender+ethnicity+aligned": Variant(HEADS, aligned=True),
 }
 
 
@@ -51,13 +65,12 @@ def plan_trials(cfg: EvalConfig, paths: list[str], subjects: list[str | None]) -
     keys = [split_key(p, s) for p, s in zip(paths, subjects)]
     rows = np.arange(n)
 
-    def trial(name: str, group: str, test: np.ndarray, seed: int, switches: dict | None = None, augment=True) -> dict:
+    def trial(name: str, group: str, test: np.ndarray, seed: int, variant: Variant = Variant({})) -> dict:
         test = np.sort(test)
         train = np.setdiff1d(rows, test)
         if not len(test) or not len(train):
             raise UserError(f"{name}: {len(train)} training and {len(test)} test faces; both parts need faces")
-        return {"name": name, "group": group, "seed": seed, "switches": switches or {}, "augment": augment,
-                "train": train.tolist(), "test": test.tolist()}
+        return {"name": name, "group": group, "seed": seed, **variant._asdict(), "train": train.tolist(), "test": test.tolist()}
 
     if cfg.protocol in ("lopo", "ablation") or cfg.by_subject:
         missing = sum(s is None for s in subjects)
@@ -93,7 +106,7 @@ def plan_trials(cfg: EvalConfig, paths: list[str], subjects: list[str | None]) -
         return [trial(f"subject {person}", "lopo", rows[np.asarray(subjects) == person], cfg.seed) for person in people]
     test = rows[np.array([in_validation(key, cfg.test_fraction) for key in keys], dtype=bool)]
     return [
-        trial(f"{variant} seed {cfg.seed + i}", variant, test, cfg.seed + i, *ABLATIONS[variant])
+        trial(f"{variant} seed {cfg.seed + i}", variant, test, cfg.seed + i, ABLATIONS[variant])
         for variant in cfg.variants
         for i in range(cfg.seeds)
     ]
@@ -179,7 +192,8 @@ def format_report(summary: dict) -> str:
         f"# C3AE {summary['protocol']} on {summary['data']['location']}",
         "",
         f"{summary['trials']} trials ({summary['completed']} completed, {summary['failed']} failed), "
-        f"{cfg['epochs']} epochs each, {how}; {summary['data']['faces']} faces.",
+        f"{cfg['epochs']} epochs each, {how}; {summary['images']} faces"
+        + (f" (those that {cfg['aligned_data']} also holds, aligned, for the aligned rows)." if cfg.get("aligned_data") else "."),
         "MAE mean ± std is over completed trials; pooled MAE, CA(n) and gender accuracy (models with a gender head,",
         "faces with a known gender) are over all their test predictions.",
         "",

@@ -110,6 +110,30 @@ def test_the_ablation_rows_with_heads_report_gender_accuracy(face_parquet, tmp_p
     assert f"| {rows['+gender']['gender_acc']:.3f} |" in report
 
 
+def test_aligned_rows_train_on_the_aligned_preprocessing_of_the_same_images(fgnet_parquet, tmp_path):
+    """`c3ae preprocess --align` over the fixture's images, then the ablation's full and aligned rows: one split,
+    the same images, and the aligned row really reads the aligned regions (same seed and order, other answers)."""
+    from c3ae_ray.cli import main
+
+    aligned = tmp_path / "aligned-faces"
+    assert main(["preprocess", "--dataset", "fgnet", "--root", str(fgnet_parquet.parent / "fgnet"), "--out", str(aligned),
+                 "--detectors", "1", "--align"]) == 0
+    with pytest.raises(ValueError, match="preprocessed without --align"):
+        run(fgnet_parquet, tmp_path / "refused", protocol="ablation", variants=["aligned"], aligned_data=str(fgnet_parquet))
+    summary = run(fgnet_parquet, tmp_path / "aligned", protocol="ablation", seeds=1, epochs=1, test_fraction=0.3,
+                  variants=["full", "aligned"], aligned_data=str(aligned))
+    rows = {r["group"]: r for r in summary["rows"]}
+    assert summary["completed"] == 2 and summary["aligned_data"] == str(aligned)
+    assert summary["images"] == faces_of(fgnet_parquet) == faces_of(aligned)  # MTCNN found the same faces both times
+    assert rows["full"]["test_subjects"] == rows["aligned"]["test_subjects"] and rows["full"]["test_size"] == rows["aligned"]["test_size"]
+    with open(tmp_path / "aligned" / "predictions.csv") as file:
+        predictions = list(csv.DictReader(file))
+    by_group = {g: [(p["path"], float(p["predicted"])) for p in predictions if p["group"] == g] for g in rows}
+    assert [path for path, _ in by_group["full"]] == [path for path, _ in by_group["aligned"]]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(by_group["full"], by_group["aligned"])) > 1e-3
+    assert "aligned, for the aligned rows" in (tmp_path / "aligned" / "report.md").read_text()
+
+
 def kill_a_trial_while_it_runs(ray_session, data, out, **settings) -> tuple[dict, int]:
     outcome = {}
     thread = threading.Thread(target=lambda: outcome.update(summary=run(data, out, **settings)))

@@ -4,6 +4,7 @@ the web page in a real headless Chromium (Debian's `chromium`, which `make test`
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -209,10 +210,11 @@ def test_the_page_and_the_openapi_description_are_served(served):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 
-def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_data, tmp_path):
+@contextlib.contextmanager
+def chromium():
+    """Debian's headless Chromium under Playwright (no browser download)."""
     from playwright.sync_api import sync_playwright
 
-    url, _ = served
     assert shutil.which(CHROMIUM), "Chromium is missing: `make test` installs Debian's chromium package"
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(
@@ -220,27 +222,77 @@ def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_dat
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update", "--no-first-run"],
         )
         try:
-            page = browser.new_page(viewport={"width": 1000, "height": 900})
-            errors = []
-            page.on("pageerror", lambda error: errors.append(str(error)))
-            page.goto(f"{url}/")
-            assert page.title().startswith("c3ae_ray")
-            page.set_input_files("#file", str(shared_data / "faces" / "ivan.jpg"))
-            page.wait_for_selector("body[data-state=done]", timeout=60_000)
-            boxes = page.locator(".box")
-            assert boxes.count() == 1
-            age = float(boxes.first.locator(".age").inner_text().split()[0])  # "34", or "34 F" with a gender head
-            assert 18 <= age <= 45  # the bundled model on a young man's photo
-            assert page.locator("#faces li.face").count() == 1
-            assert "1 face" in page.locator("#status").inner_text()
-            box = boxes.first.bounding_box()
-            photo = page.locator("#photo").bounding_box()
-            assert box["width"] > 10 and photo["x"] <= box["x"] <= photo["x"] + photo["width"]  # drawn on the face
-            page.screenshot(path=str(tmp_path / "page.png"))
-            assert not errors, errors
-
-            page.set_input_files("#file", str(shared_data / "faces" / "no-faces.jpg"))
-            page.wait_for_function("document.querySelector('#status').textContent.includes('No face')", timeout=60_000)
-            assert page.locator(".box").count() == 0
+            yield browser
         finally:
             browser.close()
+
+
+def test_the_api_docs_render_without_internet(served):
+    """Swagger UI at /docs draws the POST /v1/age operation with every request outside the server refused."""
+    url, _ = served
+    refused = []
+
+    def loopback_only(route):
+        if route.request.url.startswith(url):
+            route.continue_()
+        else:
+            refused.append(route.request.url)
+            route.abort()
+
+    with chromium() as browser:
+        page = browser.new_page()
+        page.route("**/*", loopback_only)
+        page.goto(f"{url}/docs")
+        operation = page.locator(".opblock-post .opblock-summary-path", has_text="/v1/age")
+        operation.wait_for(timeout=30_000)
+        assert operation.is_visible() and not refused, refused
+
+
+def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_data, tmp_path):
+    url, _ = served
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 1000, "height": 900})
+        errors = []
+        page.on("pageerror", lambda error: errors.append(str(error)))
+        page.goto(f"{url}/")
+        assert page.title().startswith("c3ae_ray")
+        page.set_input_files("#file", str(shared_data / "faces" / "ivan.jpg"))
+        page.wait_for_selector("body[data-state=done]", timeout=60_000)
+        boxes = page.locator(".box")
+        assert boxes.count() == 1
+        age = float(boxes.first.locator(".age").inner_text().split()[0])  # "34", or "34 F" with a gender head
+        assert 18 <= age <= 45  # the bundled model on a young man's photo
+        assert page.locator("#faces li.face").count() == 1
+        assert "1 face" in page.locator("#status").inner_text()
+        box = boxes.first.bounding_box()
+        photo = page.locator("#photo").bounding_box()
+        assert box["width"] > 10 and photo["x"] <= box["x"] <= photo["x"] + photo["width"]  # drawn on the face
+        page.screenshot(path=str(tmp_path / "page.png"))
+        assert not errors, errors
+
+        page.set_input_files("#file", str(shared_data / "faces" / "no-faces.jpg"))
+        page.wait_for_function("document.querySelector('#status').textContent.includes('No face')", timeout=60_000)
+        assert page.locator(".box").count() == 0
+
+
+def test_the_page_works_at_phone_width_and_by_keyboard(served, shared_data, tmp_path):
+    """390 px wide, no mouse: Tab reaches the file chooser, Enter opens it; the face is boxed, nothing scrolls
+    sideways, and the page says what the numbers mean and what they must not be used for."""
+    url, _ = served
+    with chromium() as browser:
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto(f"{url}/")
+        for _ in range(5):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.id") == "file":
+                break
+        assert page.evaluate("document.activeElement.id") == "file", "Tab never reached the file chooser"
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        chooser.value.set_files(str(shared_data / "faces" / "ivan.jpg"))
+        page.wait_for_selector("body[data-state=done]", timeout=60_000)
+        boxes = page.locator(".box")
+        assert boxes.count() == 1 and boxes.first.bounding_box()["width"] > 10
+        assert page.evaluate("document.documentElement.scrollWidth <= document.documentElement.clientWidth")
+        assert "must not be used" in page.locator("#meaning").inner_text()
+        page.screenshot(path=str(tmp_path / "phone.png"), full_page=True)

@@ -206,3 +206,25 @@ def test_a_real_face_photo_turned_20_degrees_gives_nearly_the_upright_crops_when
         crops = [face_crops(image, box, cfg, points).astype(int) for image, (box, points) in ((photo, upright), (turned_photo, turned))]
         difference[align] = np.abs(crops[0] - crops[1]).mean()
     assert difference[True] < 0.5 * difference[False] and difference[True] < 20, difference  # here 14 against 35
+
+
+def test_a_model_file_trained_on_aligned_crops_aligns_wherever_it_runs(shared_data, tmp_path):
+    """The crop geometry travels in the model file: the one finder that predict, score and serve use cuts
+    aligned regions for a model trained on aligned ones, and unaligned regions for the bundled model."""
+    from c3ae_ray.inference import Estimator
+    from c3ae_ray.model import BUNDLED_MODEL, load_model, save_model
+
+    model, payload = load_model(BUNDLED_MODEL)
+    save_model(model, tmp_path / "aligned.pt", crop_config=to_dict(CropConfig(align=True)), meta=payload["meta"])
+    photo = cv2.cvtColor(cv2.imread(str(shared_data / "faces" / "shea_whigham.jpg")), cv2.COLOR_BGR2RGB)
+    turned, _ = rotated(photo, 20, (photo.shape[1] / 2, photo.shape[0] / 2))
+    regions = {}
+    for name, source in (("aligned", tmp_path / "aligned.pt"), ("bundled", BUNDLED_MODEL)):
+        estimator = Estimator(source, device="cpu", max_faces=1)
+        [found] = estimator.finder.find([turned], max_faces=1)
+        box, points = found.faces.boxes[0], found.faces.landmarks[0]
+        assert estimator.age_model.crop.align == (name == "aligned")
+        expected, _ = cut_region(turned, box, CropConfig(align=name == "aligned"), points)
+        np.testing.assert_array_equal(found.regions[0], expected)
+        regions[name] = found.regions[0].astype(int)
+    assert np.abs(regions["aligned"] - regions["bundled"]).mean() > 10  # the turn is undone in one of them only

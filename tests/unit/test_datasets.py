@@ -289,6 +289,16 @@ def test_utkface_more_keeps_the_releases_flawed_names(shared_data):
     assert sum(r["ethnicity"] is None for r in listing.records) == 2
 
 
+def test_a_root_of_linked_folders_reads_both_shared_folders_once(shared_data, tmp_path):
+    """All of UTKFace is one root of two links (the second bundled model's data); a link back up is no loop."""
+    (tmp_path / "utkface").symlink_to(shared_data / "utkface")
+    (tmp_path / "more").symlink_to(shared_data / "utkface-more")
+    (tmp_path / "more-again").symlink_to(tmp_path)
+    listing = read_dataset("utkface", tmp_path)
+    folders = Counter(os.path.relpath(r["path"], tmp_path).split(os.sep)[0] for r in listing.records)
+    assert folders == {"utkface": 7_807, "more": 13_885}
+
+
 # FG-NET
 
 

@@ -54,9 +54,25 @@ def test_the_ablation_crosses_variants_and_seeds_on_one_hash_split():
     trials = plan(protocol="ablation", seeds=2, seed=5)
     assert [(t["group"], t["seed"]) for t in trials] == [(v, s) for v in PAPER_ABLATIONS for s in (5, 6)]
     assert len({tuple(t["test"]) for t in trials}) == 1
-    switches = {t["group"]: (t["switches"], t["augment"]) for t in trials}
-    assert switches["no-context"] == ({"context": False}, True) and switches["no-augment"] == ({}, False)
+    switches = {t["group"]: (t["switches"], t["augment"], t["aligned"]) for t in trials}
+    assert switches["no-context"] == ({"context": False}, True, False) and switches["no-augment"] == ({}, False, False)
     assert not people(trials[0], "test") & people(trials[0], "train")  # the hash is over people, as in training
+
+
+def test_the_seeds_methods_are_rows_of_the_ablation_and_aligned_rows_need_aligned_data():
+    trials = plan(protocol="ablation", seeds=1, variants=("full", "gaussian-k1", "aligned", "+gender+ethnicity+aligned"),
+                  aligned_data="aligned-faces")
+    rows = {t["group"]: (t["switches"], t["aligned"]) for t in trials}
+    assert rows["full"] == ({}, False) and rows["aligned"] == ({}, True)
+    assert rows["gaussian-k1"] == ({"label_encoding": "gaussian", "n_bins": 111, "interval": 1.0}, False)
+    assert rows["+gender+ethnicity+aligned"] == ({"gender_head": True, "ethnicity_head": True}, True)
+    assert len({tuple(t["test"]) for t in trials}) == 1  # aligned or not, one split over the same images
+    with pytest.raises(ValueError, match="the variants aligned need --aligned-data"):
+        EvalConfig(data="d", out="o", protocol="ablation", variants=("full", "aligned"))
+    with pytest.raises(ValueError, match="--aligned-data is read only by the ablation's aligned variants"):
+        EvalConfig(data="d", out="o", protocol="ablation", aligned_data="a")
+    with pytest.raises(ValueError, match="--aligned-data is read only"):
+        EvalConfig(data="d", out="o", protocol="lopo", aligned_data="a")
 
 
 def test_plans_that_cannot_work_are_refused():
@@ -109,9 +125,10 @@ def test_the_report_lists_failed_trials_and_the_figures_plot_the_results():
     ]
     group = {"trials": 2, "completed": 1, "failed": 1, "mae_mean": 4.0, "mae_std": 0.0, "pooled_mae": 4.0,
              "ca3": 0.3, "ca5": 0.6, "ca7": 1.0, "gender_acc": None, "test_faces": 3}
-    summary = {"protocol": "lopo", "data": {"location": "d", "faces": 12}, "config": {"epochs": 3, "init_from": None},
+    summary = {"protocol": "lopo", "data": {"location": "d", "faces": 12}, "images": 12, "config": {"epochs": 3, "init_from": None},
                "groups": {"lopo": group}, "rows": rows, **group}
     report = format_report(summary)
+    assert "3 epochs each, trained from scratch; 12 faces." in report
     assert "| lopo | 1/2 (1 failed) | 4.00 ± 0.00 | 4.00 | 0.300 | 0.600 | 1.000 | - | 3 |" in report  # no gender head: -
     assert "| subject 001 | 001 | 9 | 3 | 0 | 4.00 | 0.300 | 0.600 | 1.000 | ok after 1 retry |" in report
     assert "| subject 002 | 002 | 9 | 3 | - | - | - | - | - | FAILED: ActorDiedError: killed after 2 retries |" in report
