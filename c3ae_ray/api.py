@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
 
@@ -53,12 +54,19 @@ class Limits:
               "limits must be positive")
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 @dataclass(frozen=True)
 class ServeConfig:
     model: str | None = None  # a model.pt (path or s3://); None: $C3AE_MODEL, else the bundled model
     device: str = "auto"
     host: str = "127.0.0.1"
     port: int = 8000
+    # `c3ae serve`'s terminal: Ray Serve's own lines from this level (INFO brings back a line per request and
+    # call), and one line of traffic every `stats_interval_s` seconds in which requests came (0: none)
+    log_level: str = "WARNING"
+    stats_interval_s: float = 10.0
     max_batch_size: int = 16  # requests per detector or model batch
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     limits: Limits = field(default_factory=Limits)
@@ -67,10 +75,47 @@ class ServeConfig:
     def __post_init__(self):
         check(self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0, "max_batch_size must be at least 1, batch_wait_timeout_s not negative")
         check(0 < self.port < 65536, f"port must be 1 to 65535, got {self.port}")
+        check(self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
+        check(self.stats_interval_s >= 0, f"stats_interval_s must not be negative, got {self.stats_interval_s}")
 
     @property
     def model_location(self) -> str:
         return self.model or default_model()
+
+
+class RequestLog:
+    """What an ingress replica answered on POST /v1/age: counts since it started, and the status and time of its
+    last `keep` answers, each numbered, so that a reader asking for those after number N (`GET /v1/stats?since=N`)
+    sees each answer once however often it asks."""
+
+    def __init__(self, keep: int = 10_000):
+        self.answered = 0
+        self.errors = 0  # answers with a status of 400 or more
+        self.recent: deque[tuple[int, int, float]] = deque(maxlen=keep)  # (number, status, milliseconds)
+
+    def record(self, status: int, ms: float) -> None:
+        self.answered += 1
+        self.errors += status >= 400
+        self.recent.append((self.answered, status, round(ms, 1)))
+
+    def since(self, number: int) -> dict:
+        return {"answered": self.answered, "errors": self.errors,
+                "recent": [[status, ms] for n, status, ms in self.recent if n > number]}
+
+
+def traffic_line(stats: dict, seconds: float) -> str | None:
+    """One line for `c3ae serve`'s terminal from a `RequestLog.since` answer: None when no request came."""
+    recent = stats["recent"]
+    if not recent:
+        return None
+    times = sorted(ms for _, ms in recent)
+    errors = sum(status >= 400 for status, _ in recent)
+
+    def percentile(q: float) -> float:
+        return times[min(len(times) - 1, int(q * len(times)))]
+
+    return (f"c3ae serve: {len(recent)} requests in the last {seconds:g} s ({errors} failed), p50 {percentile(0.5):.0f} ms, "
+            f"p99 {percentile(0.99):.0f} ms; {stats['answered']} since the start ({stats['errors']} failed)")
 
 
 class ApiError(Exception):

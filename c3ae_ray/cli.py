@@ -342,7 +342,7 @@ def _add_pipeline(commands) -> None:
 
 
 def _add_serve(commands) -> None:
-    from c3ae_ray.api import API_KEY_ENV, MODEL_ENV, ServeConfig
+    from c3ae_ray.api import API_KEY_ENV, LOG_LEVELS, MODEL_ENV, ServeConfig
 
     (
         _Command(commands, "serve", ServeConfig, _serve, "HTTP API and web page for the ages of the faces in a photo (Ray Serve)",
@@ -358,6 +358,9 @@ def _add_serve(commands) -> None:
         .flag("--max-pixels", "limits.max_pixels", "larger images get 413", type=_positive_int)
         .flag("--max-in-flight", "limits.max_in_flight", "more concurrent requests get 503", type=_positive_int)
         .flag("--timeout", "limits.timeout_s", "seconds before a request gets 504", type=float)
+        .flag("--log-level", "log_level", "Ray Serve's own lines from this level (INFO: a line per request and call)",
+              choices=LOG_LEVELS)
+        .flag("--stats-interval", "stats_interval_s", "seconds between the lines of traffic (0: none)", type=float)
     )
 
 

@@ -252,7 +252,7 @@ def _same_images(data: FaceData, faces: dict, aligned: FaceData) -> tuple[dict, 
     aligned_faces = read_faces(aligned)
     where = {path: i for i, path in enumerate(aligned_faces["path"])}
     both = [i for i, path in enumerate(faces["path"]) if path in where]
-    check(bool(both), f"--data and --aligned-data share no images (matched by source path)")
+    check(bool(both), "--data and --aligned-data share no images (matched by source path)")
     print(f"aligned rows: {len(both)} images in both preprocessings; left out: {len(faces['path']) - len(both)} only in --data, "
           f"{len(aligned_faces['path']) - len(both)} only in --aligned-data", flush=True)
     return _rows(faces, both), _rows(aligned_faces, [where[faces["path"][i]] for i in both])

@@ -35,8 +35,8 @@ from ray import serve
 
 from c3ae_ray import storage
 from c3ae_ray.api import (
-    AGE_EXAMPLE, API_KEY_ENV, ApiError, Limits, ServeConfig, api, error_response, face_json, failure_status, image_from_request,
-    parse_max_faces, read_body, web_page,
+    AGE_EXAMPLE, API_KEY_ENV, ApiError, Limits, RequestLog, ServeConfig, api, error_response, face_json, failure_status,
+    image_from_request, parse_max_faces, read_body, traffic_line, web_page,
 )
 from c3ae_ray.config import UserError, build, resolve_device, to_dict
 from c3ae_ray.crops import CropConfig, cut_region
@@ -134,6 +134,7 @@ class AgeAPI:
         self.api_key_sha256 = api_key_sha256
         self.limits = Limits()  # until reconfigure() gives the user_config
         self.in_flight = 0
+        self.requests = RequestLog()
         self.ready = False
         self.ready_lock = asyncio.Lock()
 
@@ -168,9 +169,20 @@ class AgeAPI:
         responses={200: {"description": "the faces, most confident first", "content": {"application/json": {"example": AGE_EXAMPLE}}}},
     )
     async def age(self, request: Request) -> JSONResponse:
+        started, status = time.perf_counter(), 500
+        try:
+            response = await self.answer(request, started)
+            status = response.status_code
+            return response
+        except ApiError as error:
+            status = error.status
+            raise
+        finally:
+            self.requests.record(status, (time.perf_counter() - started) * 1000)
+
+    async def answer(self, request: Request, started: float) -> JSONResponse:
         from ray.serve.exceptions import BackPressureError
 
-        started = time.perf_counter()
         request_id = request.headers.get("x-request-id") or uuid.uuid4().hex  # Serve's proxy sets it (and echoes it)
         self.check_key(request)
         if self.in_flight >= self.limits.max_in_flight:
@@ -232,11 +244,13 @@ class AgeAPI:
         if not (len(outputs.age) == 1 and np.isfinite(outputs.age[0])):
             raise RuntimeError(f"the model gave {outputs.age}")
 
-    @api.get("/v1/stats", summary="Batch sizes seen by the detector and model replicas that answered")
-    async def stats(self, request: Request) -> JSONResponse:
+    @api.get("/v1/stats", summary="Batch sizes seen by the detector and model replicas that answered, and this ingress "
+             "replica's answers to POST /v1/age: counts, and the status and milliseconds of those after number `since`")
+    async def stats(self, request: Request, since: int = 0) -> JSONResponse:
         self.check_key(request)
         finder, predictor = await asyncio.gather(self.finder.stats.remote(), self.predictor.stats.remote())
-        return JSONResponse({"face_finder": finder, "age_predictor": predictor, "in_flight": self.in_flight})
+        return JSONResponse({"face_finder": finder, "age_predictor": predictor, "in_flight": self.in_flight,
+                             "requests": self.requests.since(since)})
 
 
 def worker_device(device: str) -> tuple[str, float]:
@@ -304,6 +318,37 @@ def wait_until_healthy(url: str, timeout_s: float = 120.0) -> dict:
         time.sleep(0.5)
 
 
+def report_traffic(url: str, interval_s: float) -> None:
+    """Forever: every `interval_s` seconds in which requests came, one line of what they got (`traffic_line`);
+    with an interval of 0, only sleep."""
+    import requests
+
+    key = os.environ.get(API_KEY_ENV)
+    headers = {"X-API-Key": key} if key else {}
+    seen, failing = 0, False  # answers already reported (the ingress numbers them from its start)
+    while True:
+        time.sleep(interval_s or 3600)
+        if not interval_s:
+            continue
+        try:
+            answer = requests.get(f"{url}/v1/stats", params={"since": seen}, headers=headers, timeout=10)
+            answer.raise_for_status()
+            stats = answer.json()["requests"]
+        except requests.RequestException as error:
+            if not failing:  # said once until the stats answer again
+                print(f"c3ae serve: no traffic figures ({type(error).__name__}); retrying", flush=True)
+            failing = True
+            continue
+        failing = False
+        if stats["answered"] < seen:  # a new ingress replica counts from 0: report its answers from the next poll
+            seen = 0
+            continue
+        seen = stats["answered"]
+        line = traffic_line(stats, interval_s)
+        if line:
+            print(line, flush=True)
+
+
 def serve_forever(cfg: ServeConfig) -> dict:
     """`c3ae serve`: the app on an embedded local Ray (or the cluster at RAY_ADDRESS) until Ctrl-C or SIGTERM;
     then Serve and Ray are shut down. Returns what it served."""
@@ -311,24 +356,28 @@ def serve_forever(cfg: ServeConfig) -> dict:
 
     from c3ae_ray.runtime import ray_runtime
 
+    from ray.serve.schema import LoggingConfig
+
     check_port_free(cfg.host, cfg.port)
     AgeModel(storage.read_bytes(cfg.model_location), "cpu", name=cfg.model_location)  # a bad --model fails here, before Ray starts
     url = f"http://{cfg.host}:{cfg.port}"
     started = time.monotonic()
+    # Serve's lines (a few per request and call at INFO) only from cfg.log_level; warnings and errors always
+    quiet = LoggingConfig(log_level=cfg.log_level, enable_access_log=cfg.log_level in ("DEBUG", "INFO"))
+    logging.getLogger("ray.serve").setLevel(cfg.log_level)
     with ray_runtime():
         # After Ray's start-up, which installs its own SIGTERM handler: Ctrl-C and SIGTERM both shut down
         # cleanly, also when started from a script that ignores SIGINT in background jobs.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
         try:
-            serve.start(http_options={"host": cfg.host, "port": cfg.port})
-            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
+            serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=quiet)
+            serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", logging_config=quiet)
             health = wait_until_healthy(url)
             print(f"c3ae serve: ready in {time.monotonic() - started:.0f} s, model {health['model']['name']} "
                   f"{health['model']['version']}", flush=True)
             print(f"  web page  {url}/\n  API       POST {url}/v1/age   (docs: {url}/docs)\n  Ctrl-C stops it.", flush=True)
-            while True:
-                time.sleep(3600)
+            report_traffic(url, cfg.stats_interval_s)
         except KeyboardInterrupt:
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut the shutdown short
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

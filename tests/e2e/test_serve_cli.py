@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import requests
@@ -80,16 +81,30 @@ def port_is_free(port: int) -> bool:
 
 
 def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, model_file):
+    """Also the calm terminal: after the ready banner, 50 requests print a traffic line per interval, not Serve's
+    lines per request (three each at INFO, which --log-level INFO brings back)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process, lines = start([str(BIN / "c3ae"), "serve", "--model", str(model_file), "--port", str(port), "--device", "cpu"])
+    process, lines = start([str(BIN / "c3ae"), "serve", "--model", str(model_file), "--port", str(port), "--device", "cpu",
+                            "--stats-interval", "2"])
+    photo = (shared_data / "faces" / "ivan.jpg").read_bytes()
     try:
         wait_ready(process, lines, url, "c3ae serve: ready")
-        answer = requests.post(
-            f"{url}/v1/age", data=(shared_data / "faces" / "ivan.jpg").read_bytes(),
-            headers={"Content-Type": "image/jpeg"}, timeout=60,
-        )
+        banner = len(lines)
+        with ThreadPoolExecutor(4) as pool:
+            statuses = list(pool.map(
+                lambda _: requests.post(f"{url}/v1/age", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=60).status_code,
+                range(49)))
+        assert statuses == [200] * 49
+        answer = requests.post(f"{url}/v1/age", data=photo, headers={"Content-Type": "image/jpeg"}, timeout=60)
         assert answer.status_code == 200 and len(answer.json()["faces"]) == 1
+        deadline = time.monotonic() + 30
+        while not any("50 since the start (0 failed)" in line for line in lines[banner:]) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        printed = lines[banner:]
+        assert any("50 since the start (0 failed)" in line for line in printed), "".join(printed)
+        others = [line for line in printed if not line.startswith("c3ae serve: ")]
+        assert len(others) <= 3 and len(printed) <= 20, "".join(printed)  # a stray Ray warning at most; not 150 lines
         [face] = answer.json()["faces"]  # this model has a gender head (and an ethnicity one, never shown)
         assert face["gender"] in ("female", "male") and 0 < face["p_female"] < 1 and "ethnicity" not in face
         documented = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]["/v1/age"]["post"]["responses"]["200"]

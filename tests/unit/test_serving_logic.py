@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from c3ae_ray.api import MODEL_ENV, ApiError, ServeConfig, failure_status, parse_max_faces, web_page
+from c3ae_ray.api import MODEL_ENV, ApiError, RequestLog, ServeConfig, failure_status, parse_max_faces, traffic_line, web_page
 from c3ae_ray.config import UserError, build
 from c3ae_ray.model import BUNDLED_MODEL
 
@@ -41,3 +41,18 @@ def test_the_web_page_ships_in_the_package_and_loads_nothing_from_elsewhere():
     page = web_page()
     assert "<script>" in page and 'id="file"' in page and "/v1/age" in page
     assert "http://" not in page and "https://" not in page and "<link" not in page
+
+
+def test_the_request_log_gives_each_answer_once_and_the_terminal_one_line_per_busy_interval():
+    log = RequestLog(keep=3)
+    assert traffic_line(log.since(0), 10) is None  # a quiet interval prints nothing
+    for status, ms in ((200, 100.0), (200, 300.0), (400, 5.0), (200, 200.0)):
+        log.record(status, ms)
+    first = log.since(0)
+    assert (first["answered"], first["errors"]) == (4, 1)
+    assert first["recent"] == [[200, 300.0], [400, 5.0], [200, 200.0]]  # the last `keep` answers only
+    assert log.since(3)["recent"] == [[200, 200.0]] and log.since(4)["recent"] == []
+    assert traffic_line(first, 10) == ("c3ae serve: 3 requests in the last 10 s (1 failed), p50 200 ms, p99 300 ms; "
+                                       "4 since the start (1 failed)")
+    with pytest.raises(UserError, match="log_level must be one of"):
+        build(ServeConfig, {"log_level": "LOUD"})
