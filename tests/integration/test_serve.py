@@ -156,6 +156,9 @@ def test_concurrent_requests_share_batches(served, shared_data):
         new = {int(size): n - before[worker]["batches"].get(size, 0) for size, n in after[worker]["batches"].items()}
         assert sum(size * n for size, n in new.items()) == 24, (worker, new)
         assert max(size for size, n in new.items() if n > 0) > 1, f"{worker} only saw batches of 1: {new}"
+    answered = requests.get(f"{url}/v1/stats", params={"since": before["requests"]["answered"]}, timeout=30).json()["requests"]
+    assert answered["answered"] - before["requests"]["answered"] == len(answered["recent"]) == 24  # the ingress's request log
+    assert all(status == 200 and ms > 0 for status, ms in answered["recent"])
 
 
 def test_overload_and_timeouts_answer_503_and_504_and_the_limits_change_in_place(served, shared_data):
