@@ -64,6 +64,10 @@ class _Command:
         return (self.flag("--device", "device", choices=DEVICES)
                 .flag("--min-face-score", "detector.min_face_score", "MTCNN probability for a face to count", type=float))
 
+    def progress_flag(self) -> "_Command":
+        """The batch stages' progress line interval."""
+        return self.flag("--progress-interval", "progress_s", "seconds between progress lines (0: none)", type=float)
+
     def config(self, args: argparse.Namespace):
         """Defaults <- --config YAML <- the flags given -> the stage's config; a missing required field names its flag."""
         given = nest({k: v for k, v in vars(args).items() if k not in NOT_FIELDS})
@@ -182,6 +186,7 @@ def _add_preprocess(commands) -> None:
         .flag("--out", "out", "output folder: a local path or s3://bucket/prefix")
         .flag("--csv", "csv", "folder layout: labels CSV with columns path,age[,subject]; none means ROOT/labels.csv")
         .detection_flags()
+        .progress_flag()
         .flag("--detectors", "detectors", "MTCNN actors; none means one per CPU, or per GPU", type=_positive_int)
         .flag("--batch-size", "batch_size", "images per detector batch", type=_positive_int)
         .flag("--limit", "limit", "only the first N images (sorted by path)", type=_positive_int)
@@ -290,6 +295,7 @@ def _add_score(commands) -> None:
         .flag("--out", "out", "output folder: a local path or s3://bucket/prefix")
         .flag("--model", "model", "a model.pt from `c3ae train` (path or s3://; the default is the bundled model)")
         .detection_flags()
+        .progress_flag()
         .flag("--actors", "actors", "detector+model actors; none means one per CPU, or per GPU", type=_positive_int)
         .flag("--batch-size", "batch_size", "images per actor batch", type=_positive_int)
         .flag("--max-faces", "max_faces", "per image, most confident first; none means all", type=_positive_int)

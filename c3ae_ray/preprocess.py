@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from c3ae_ray import __version__, storage
-from c3ae_ray.batch import BatchJob, PoolWorker, decoded_inputs, filesystems_for, run_batch, status_counts
+from c3ae_ray.batch import PROGRESS_INTERVAL_S, BatchJob, PoolWorker, decoded_inputs, filesystems_for, run_batch, status_counts
 from c3ae_ray.config import UserError, check, to_dict
 from c3ae_ray.crops import CropConfig
 from c3ae_ray.datasets import read_dataset
@@ -54,6 +54,7 @@ class PreprocessConfig:
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are skipped as unreadable, before decoding
     jpeg_quality: int = 95
     overwrite: bool = False  # replace an existing out once the new one is complete
+    progress_s: float = PROGRESS_INTERVAL_S  # seconds between progress lines (0: none)
     crop: CropConfig = field(default_factory=CropConfig)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
@@ -61,6 +62,7 @@ class PreprocessConfig:
         check(self.batch_size >= 1 and (self.limit is None or self.limit >= 1), "batch_size and limit must be at least 1")
         check(self.min_age <= self.max_age, f"min_age {self.min_age} is over max_age {self.max_age}")
         check(1 <= self.jpeg_quality <= 100, f"jpeg_quality must be 1 to 100, got {self.jpeg_quality}")
+        check(self.progress_s >= 0, f"progress_s must not be negative, got {self.progress_s}")
 
 
 class NoUsableImagesError(UserError):
@@ -81,8 +83,8 @@ def _encode_jpeg(region: np.ndarray, quality: int) -> bytes:
 class RegionMaker(PoolWorker):
     """Read records -> one row per record (status says what became of it)."""
 
-    def __init__(self, cfg: PreprocessConfig, device: str):
-        super().__init__(device)
+    def __init__(self, cfg: PreprocessConfig, device: str, tally=None):
+        super().__init__(device, tally)
         self.cfg = cfg
         self.finder = FaceFinder(cfg.crop, device, cfg.detector)
 
@@ -158,7 +160,8 @@ def preprocess(cfg: PreprocessConfig) -> dict:
         return summary
 
     job = BatchJob(records, RegionMaker, {"cfg": cfg}, cfg.out, cfg.overwrite, cfg.device, cfg.detectors, cfg.batch_size,
-                   partition_cols=["status"], filesystems=filesystems_for([r["path"] for r in records]))
+                   partition_cols=["status"], filesystems=filesystems_for([r["path"] for r in records]),
+                   name="preprocess", progress_s=cfg.progress_s)
     return run_batch(job, summarize)
 
 

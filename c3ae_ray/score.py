@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from c3ae_ray import __version__, storage
-from c3ae_ray.batch import BatchJob, PoolWorker, decoded_inputs, filesystems_for, run_batch, status_counts
+from c3ae_ray.batch import PROGRESS_INTERVAL_S, BatchJob, PoolWorker, decoded_inputs, filesystems_for, run_batch, status_counts
 from c3ae_ray.config import NotFoundError, UserError, check, to_dict
 from c3ae_ray.datasets import IMAGE_EXTENSIONS
 from c3ae_ray.detect import DetectorConfig
@@ -67,11 +67,13 @@ class ScoreConfig:
     max_faces: int | None = None  # per image, most confident first (None: all)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error rows, never decoded
     overwrite: bool = False  # replace an existing out once the new one is complete
+    progress_s: float = PROGRESS_INTERVAL_S  # seconds between progress lines (0: none)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self):
         check(self.max_faces is None or self.max_faces >= 1, f"--max-faces must be at least 1, got {self.max_faces}")
         check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        check(self.progress_s >= 0, f"progress_s must not be negative, got {self.progress_s}")
 
 
 # ---- the image store: listing ----
@@ -149,8 +151,8 @@ def answer_rows(path: str, answer: ImageFaces | ImageFailure, identity: tuple[st
 class FaceScorer(PoolWorker):
     """Read images -> rows, with one Estimator (detector and model) per actor."""
 
-    def __init__(self, cfg: ScoreConfig, model_bytes: bytes, device: str):
-        super().__init__(device)
+    def __init__(self, cfg: ScoreConfig, model_bytes: bytes, device: str, tally=None):
+        super().__init__(device, tally)
         self.cfg = cfg
         self.estimator = Estimator(model_bytes, device, cfg.detector, cfg.max_faces, name=cfg.model)
 
@@ -194,7 +196,8 @@ def score(cfg: ScoreConfig) -> dict:
         }
 
     job = BatchJob([{"path": image} for image in images], FaceScorer, {"cfg": cfg, "model_bytes": model_bytes},
-                   cfg.out, cfg.overwrite, cfg.device, cfg.actors, cfg.batch_size, "predictions", filesystems=filesystems_for(images))
+                   cfg.out, cfg.overwrite, cfg.device, cfg.actors, cfg.batch_size, "predictions", filesystems=filesystems_for(images),
+                   name="score", progress_s=cfg.progress_s)
     return run_batch(job, summarize)
 
 

@@ -23,8 +23,10 @@ def preprocess(*args, timeout=300):
 def test_fgnet_end_to_end_then_a_rerun_is_refused(shared_data, tmp_path):
     built = fixtures.make_fgnet(tmp_path / "fgnet", shared_data / "utkface", subjects=2, per_subject=3)
     out = tmp_path / "out"
-    result = preprocess("--dataset", "fgnet", "--root", built["root"], "--out", out, "--detectors", "1")
+    result = preprocess("--dataset", "fgnet", "--root", built["root"], "--out", out, "--detectors", "1", "--progress-interval", "0.5")
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "preprocess: " in result.stdout and " of 6 images (" in result.stdout  # progress lines while it runs
+    assert "Starting execution of Dataset" not in result.stdout + result.stderr  # not Ray Data's own INFO lines
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seen"] == 6 and summary["skipped_by_reader"] == {"bad_name": 2}
     assert f"seen 6, kept {summary['kept']}," in result.stdout

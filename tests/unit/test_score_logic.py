@@ -8,7 +8,7 @@ import pyarrow as pa
 import pytest
 import torch
 
-from c3ae_ray.batch import decoded_inputs, filesystems_for, read_files
+from c3ae_ray.batch import decoded_inputs, filesystems_for, progress_line, read_files
 from c3ae_ray.config import UserError
 from c3ae_ray.images import decode_image
 from c3ae_ray.inference import Estimator, ImageFailure
@@ -141,3 +141,11 @@ def test_model_identity_names_the_exact_weights(model_file):
     assert model_identity({**payload, "meta": {"name": "c3ae-utkface", "version": "1.0"}}, model_file) == ("c3ae-utkface", "1.0")
     with pytest.raises(FileNotFoundError):
         load_model(model_file.parent / "absent.pt")
+
+
+def test_a_progress_line_says_how_far_how_fast_and_how_long_is_left():
+    assert progress_line("preprocess", 3_200, 21_692, 40.0) == \
+        "preprocess: 3,200 of 21,692 images (15%), 80.0 images/s, about 4 min left"
+    assert progress_line("score", 90, 100, 9.0) == "score: 90 of 100 images (90%), 10.0 images/s, about 1 s left"
+    assert progress_line("score", 0, 100, 5.0) == "score: 0 of 100 images (0%), 0.0 images/s"
+    assert progress_line("score", 120, 100, 10.0).startswith("score: 100 of 100 images (100%)")  # a retried batch counts twice
