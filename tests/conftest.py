@@ -125,7 +125,7 @@ def s3_server():
 def model_file(tmp_path_factory) -> Path:
     """An untrained full C3AE (seed 0) with the gender and ethnicity heads, in the model-file format: enough for
     scoring and serving mechanics, where what is checked is that each face gets the model's own outputs
-    (gender among them; the bundled model has no gender head), not that they are right."""
+    (gender among them), not that they are right."""
     import torch
 
     from c3ae_ray.config import to_dict

@@ -208,8 +208,7 @@ def test_an_age_only_model_file_still_loads_without_heads(tmp_path):
     torch.save(payload, tmp_path / "old.pt")
     loaded, _ = load_model(tmp_path / "old.pt")
     assert not loaded.cfg.gender_head and loaded.gender is None and loaded.ethnicity is None
-    loaded_bundled, _ = load_model(BUNDLED_MODEL)
-    assert loaded_bundled(torch.zeros(1, 3, 3, 64, 64)).gender is None
+    assert loaded(torch.zeros(1, 3, 3, 64, 64)).gender is None
 
 
 def test_model_file_round_trip(tmp_path):
