@@ -145,7 +145,10 @@ def progress_line(name: str, done: int, total: int, seconds: float) -> str:
 
 @contextlib.contextmanager
 def progress_lines(name: str, total: int, tally, interval_s: float):
-    """While the block runs: every `interval_s` seconds, a `progress_line` from the tally (none with 0)."""
+    """While the block runs: every `interval_s` seconds, a `progress_line` from the tally (none with 0).
+
+    The reporter is joined on the way out: a Ray call from it after the stage's `ray.shutdown()` would make
+    Ray end the whole process (a pipeline's next stage never ran)."""
     import ray
 
     stop, started = threading.Event(), time.perf_counter()
@@ -153,18 +156,20 @@ def progress_lines(name: str, total: int, tally, interval_s: float):
     def report():
         while not stop.wait(interval_s):
             try:
-                done = ray.get(tally.read.remote(), timeout=10)
+                done = ray.get(tally.read.remote(), timeout=5.0)
             except Exception:  # a busy or restarting cluster: skip this line, not the run
                 continue
             print(progress_line(name, done, total, time.perf_counter() - started), flush=True)
 
-    thread = threading.Thread(target=report, daemon=True)
+    thread = threading.Thread(target=report, name=f"{name}-progress", daemon=True)
     if interval_s > 0:
         thread.start()
     try:
-        yield
+        yield thread
     finally:
         stop.set()
+        if thread.is_alive():
+            thread.join()
 
 
 def run_batch(job: BatchJob, summarize: Callable[[pafs.FileSystem, str, dict], dict]) -> dict:

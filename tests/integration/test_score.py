@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import time
 
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from c3ae_ray import storage
+from c3ae_ray.batch import Tally, progress_lines
 from c3ae_ray.score import ScoreConfig, score
 from tests import fixtures
 from tests.bad_files import write_bad_files
@@ -79,3 +81,22 @@ def test_s3_input_and_output_on_a_loopback_server(ray_session, shared_data, mode
     ]
     (corrupt,) = [r for r in rows if r["path"].endswith("corrupt.jpg")]
     assert corrupt["status"] == "error" and corrupt["reason"].startswith("undecodable")
+
+
+def test_progress_reporter_is_done_when_the_stage_is(ray_session, capsys):
+    """The stage shuts Ray down right after the block; a reporter still inside `ray.get` then would end the
+    process, so the block must not return while the reporter runs."""
+
+    class SlowTally(Tally):  # defined here so that Ray ships it by value (workers cannot import tests)
+        """A tally on a busy cluster: each read takes longer than the reporting interval."""
+
+        def read(self) -> int:
+            time.sleep(0.5)
+            return super().read()
+
+    tally = ray_session.remote(num_cpus=0)(SlowTally).remote()
+    ray_session.get(tally.add.remote(3))
+    with progress_lines("score", 10, tally, interval_s=0.05) as reporter:
+        time.sleep(1.0)
+    assert not reporter.is_alive()
+    assert "score: 3 of 10 images (30%)" in capsys.readouterr().out
