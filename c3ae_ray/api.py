@@ -240,13 +240,15 @@ async def image_from_request(request: Request, body: bytes) -> tuple[bytes, obje
     )
 
 
-# The documented answer of POST /v1/age (OpenAPI): gender and p_female are null for a model without the head.
+# The documented answer of POST /v1/age (OpenAPI): gender and p_female are null for a model without the head,
+# age_low and age_high (the range holding the model's age_range_coverage of true ages) for a file without a range.
 AGE_EXAMPLE = {
-    "faces": [{"box": [212.4, 96.0, 391.7, 318.2], "score": 0.9998, "age": 34.2, "gender": "female", "p_female": 0.9731,
+    "faces": [{"box": [212.4, 96.0, 391.7, 318.2], "score": 0.9998, "age": 34.2, "age_low": 27.9, "age_high": 41.6,
+               "gender": "female", "p_female": 0.9731,
                "landmarks": [[260.1, 181.3], [337.5, 180.2], [300.2, 226.9], [268.4, 268.0], [331.0, 267.1]],
                "age_distribution": {"30": 0.58, "40": 0.42}}],
     "n_faces": 1, "image": {"width": 640, "height": 480},
-    "model": {"name": "c3ae_utkface", "version": "2", "sha256": "..."}, "request_id": "...", "elapsed_ms": 41.5,
+    "model": {"name": "c3ae_utkface", "version": "2", "sha256": "...", "age_range_coverage": 0.8}, "request_id": "...", "elapsed_ms": 41.5,
 }
 
 
@@ -255,6 +257,7 @@ def face_json(face, bins: list[float]) -> dict:
         "box": [round(float(v), 1) for v in face.box],
         "score": round(face.score, 4),
         "age": round(face.age, 1),
+        **{name: None if value is None else round(value, 1) for name, value in (("age_low", face.age_low), ("age_high", face.age_high))},
         "gender": face.gender,
         "p_female": None if face.p_female is None else round(face.p_female, 4),
         "landmarks": [[round(float(x), 1), round(float(y), 1)] for x, y in face.landmarks],

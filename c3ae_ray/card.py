@@ -25,7 +25,8 @@ from c3ae_ray import plots, storage
 from c3ae_ray.config import UserError, build, to_dict
 from c3ae_ray.faces import decode_regions, open_faces, read_faces
 from c3ae_ray.inference import predict_regions
-from c3ae_ray.metrics import age_metrics, by_decade, by_group, gender_metrics
+from c3ae_ray.calibrate import age_range_of, bounds
+from c3ae_ray.metrics import age_metrics, by_decade, by_group, gender_metrics, range_by_decade, range_metrics
 from c3ae_ray.model import BUNDLED_MODEL, ModelConfig, count_parameters, load_model
 from c3ae_ray.train import TrainConfig
 
@@ -53,6 +54,7 @@ def measure(model_source, data_location: str, val_fraction: float) -> dict:
     folders = [every_folder[i] for i in index]
     target = np.array([folder in (TARGET_FOLDER, ".") for folder in folders], dtype=bool)  # ".": the root is that folder
     return {
+        "age_range": _age_range(payload, model, outputs, true, data.held_out(val_fraction / 2)[index]),
         "target": {"folder": TARGET_FOLDER, **age_metrics(predicted[target], true[target])},
         **age_metrics(predicted, true), **({} if p_female is None else gender_metrics(p_female, genders)),
         "by_decade": by_decade(predicted, true, p_female, genders),
@@ -63,6 +65,17 @@ def measure(model_source, data_location: str, val_fraction: float) -> dict:
         "sha256": payload["sha256"], "parameters": count_parameters(model),
         "data": data.summary,
     }
+
+
+def _age_range(payload: dict, model, outputs, true: np.ndarray, checked: np.ndarray) -> dict | None:
+    """The file's age range measured on the held-out faces its calibration did not use (`calibrate.split_parts`):
+    coverage and mean width overall and by decade. None for a file without a range."""
+    age_range = age_range_of(payload)
+    if age_range is None:
+        return None
+    low, high = bounds(outputs.age, outputs.distribution, age_range, model.cfg.bins.numpy())
+    low, high, true = low[checked], high[checked], true[checked]
+    return {"target_coverage": age_range.coverage, "bands": len(age_range.below), "calibration_faces": age_range.faces, **range_metrics(low, high, true), "by_decade": range_by_decade(low, high, true)}
 
 
 def _folder(path: str, root: str) -> str:
@@ -166,7 +179,7 @@ Error by age decade ({PLOT}):
 | true ages | faces | MAE | CA(5) |{' gender accuracy |' if gender else ''}
 |---|---|---|---|{'---|' if gender else ''}
 {rows}
-{_fairness(m)}
+{_range_section(m)}{_fairness(m)}
 ## Known weaknesses
 - Few held-out faces in {thin or 'no decade'} (under 20 each): those numbers are noisy, and the model has seen
   few such faces. Errors over 1.5 times the overall MAE: {hard or 'none'}. The largest error is at
@@ -210,6 +223,31 @@ def _targets(m: dict) -> str:
         gender = f"{m['gender_acc']:.3f}, {'met' if m['gender_acc'] >= TARGET_GENDER_ACC else 'not met'}"
     return (f"The project's targets for the bundled model: age {age}; gender accuracy >= {TARGET_GENDER_ACC:g} over all\n"
             f"held-out faces with a known gender: {gender}.")
+
+
+def _range_section(m: dict) -> str:
+    """How often the stated age range held the true age, by decade, on faces its calibration never saw."""
+    r = m["age_range"]
+    if r is None:
+        return "\nAge range: none in this file (`c3ae calibrate` adds one).\n"
+    if not r["faces"]:
+        return "\nAge range: no held-out faces left to check it on.\n"
+    rows = "\n".join(f"| {d['ages']} | {d['faces']} | {100 * d['coverage']:.0f}% | {d['mean_width']:.1f} |" for d in r["by_decade"])
+    short = ", ".join(d["ages"] for d in r["by_decade"] if d["faces"] >= 20 and d["coverage"] < r["target_coverage"] - 0.1)
+    caveat = (f"\nIt holds clearly less than stated for true ages {short}: there the model errs more than its distribution and"
+              f"\nits predicted age show (a face it takes for older or younger than it is gets a range about the wrong age).\n"
+              if short else "")
+    return f"""
+## Age range
+Every answer carries `age_low` to `age_high`, meant to hold {100 * r['target_coverage']:.0f}% of true ages: the spread of
+the face's own age distribution times multipliers fitted, in {r['bands']} bands of predicted age, on {r['calibration_faces']:,}
+held-out faces (`c3ae_ray.calibrate`). On the other {r['faces']:,} held-out faces, which the fit never saw, it held
+**{100 * r['coverage']:.1f}%** of true ages, with a mean width of {r['mean_width']:.1f} years:
+
+| true ages | faces | inside the range | mean width (years) |
+|---|---|---|---|
+{rows}
+{caveat}"""
 
 
 def _gender_cell(row: dict, gender_head: bool) -> str:

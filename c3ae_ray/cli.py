@@ -152,6 +152,13 @@ def _export(args) -> int:
     return 0
 
 
+def _calibrate(args) -> int:
+    from c3ae_ray.calibrate import calibrate_file, format_summary
+
+    print(format_summary(calibrate_file(args.model, args.data, args.out, args.coverage, args.val_fraction)))
+    return 0
+
+
 def _pipeline(args) -> int:
     from c3ae_ray.pipeline import format_summary, run_pipeline
 
@@ -335,6 +342,24 @@ def _add_export(commands) -> None:
     parser.set_defaults(run=_export)
 
 
+def _add_calibrate(commands) -> None:
+    from c3ae_ray.calibrate import COVERAGE
+
+    parser = commands.add_parser(
+        "calibrate",
+        help="give a model file its age range (a central interval calibrated on held-out faces)",
+        description="Fit the age range of a model file on the validation faces of the preprocessed data it was trained "
+        "on (one half of them), check its coverage on the other half, and write the file with it. `c3ae train` "
+        "does this itself; this is for files trained before, or another coverage.",
+    )
+    parser.add_argument("--model", required=True, help="a model.pt (path or s3://)")
+    parser.add_argument("--data", required=True, help="the `c3ae preprocess` output the model was trained on")
+    parser.add_argument("--out", required=True, help="the calibrated model file to write (path or s3://)")
+    parser.add_argument("--coverage", type=float, default=COVERAGE, help=f"share of true ages inside the range (default: {COVERAGE})")
+    parser.add_argument("--val-fraction", type=float, help="the validation split (default: the one the model file records)")
+    parser.set_defaults(run=_calibrate)
+
+
 def _add_pipeline(commands) -> None:
     parser = commands.add_parser(
         "pipeline",
@@ -375,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"c3ae {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("summary", help="print each model variant layer by layer with parameter counts (paper Table 1)").set_defaults(run=_summary)
-    for add in (_add_preprocess, _add_train, _add_evaluate, _add_ablate, _add_score, _add_predict, _add_export, _add_pipeline, _add_serve):
+    for add in (_add_preprocess, _add_train, _add_evaluate, _add_ablate, _add_score, _add_predict, _add_export, _add_calibrate, _add_pipeline, _add_serve):
         add(commands)
     return parser
 

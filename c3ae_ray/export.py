@@ -2,8 +2,9 @@
 
 Input: `crops`, uint8 (N, 3 scales, 3 channels, 64, 64) with raw 0..255 values, cut as `c3ae_ray.crops`
 cuts them (smallest scale first); any N. Outputs: `age` (N,) in years, `distribution` (N, bins) over the
-model's age bins, and for a model with a gender head `p_female` (N,). Every export is checked against
-PyTorch on random crops before it is reported.
+model's age bins, for a model file with an age range `age_low` and `age_high` (N,) (computed in the graph from
+age and distribution as `c3ae_ray.calibrate.bounds` does), and for a model with a gender head `p_female` (N,).
+Every export is checked against PyTorch on random crops before it is reported.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from c3ae_ray.calibrate import AgeRange, age_range_of, bounds
 from c3ae_ray.config import UserError
 from c3ae_ray.crops import CROP_SIZE, N_SCALES
 from c3ae_ray.model import load_model
@@ -25,19 +27,23 @@ PARITY_YEARS = 1e-4  # the largest age difference from PyTorch an export may hav
 
 
 class Exported(torch.nn.Module):
-    """The model in eval mode with a fixed list of outputs (exports need one): age and distribution, and
-    p_female where the model has a gender head. The ethnicity head, a training aid, is never exported."""
+    """The model in eval mode with a fixed list of outputs (exports need one): age and distribution, the age
+    range where the file has one, and p_female where the model has a gender head. The ethnicity head, a training
+    aid, is never exported."""
 
-    def __init__(self, model):
+    def __init__(self, model, age_range: AgeRange | None = None):
         super().__init__()
         if not model.cfg.cascade:
             raise UserError("only a model with the two-point cascade has a distribution to export")
         self.model = model.eval()
-        self.outputs = ["age", "distribution"] + ["p_female"] * model.cfg.gender_head
+        self.age_range = age_range
+        self.register_buffer("bins", model.cfg.bins)
+        self.outputs = ["age", "distribution"] + ["age_low", "age_high"] * (age_range is not None) + ["p_female"] * model.cfg.gender_head
 
     def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
         prediction = self.model(crops)
-        return (prediction.age, prediction.distribution) + ((prediction.p_female(),) if self.model.cfg.gender_head else ())
+        ranged = () if self.age_range is None else bounds(prediction.age, prediction.distribution, self.age_range, self.bins)
+        return (prediction.age, prediction.distribution, *ranged) + ((prediction.p_female(),) if self.model.cfg.gender_head else ())
 
 
 def export_model(model_source, fmt: str, out: str) -> dict:
@@ -45,7 +51,7 @@ def export_model(model_source, fmt: str, out: str) -> dict:
     if fmt not in FORMATS:
         raise UserError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     model, payload = load_model(model_source)
-    wrapper = Exported(model).eval()
+    wrapper = Exported(model, age_range_of(payload)).eval()
     example = torch.randint(0, 256, (2, *INPUT_SHAPE), dtype=torch.uint8)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     with torch.inference_mode():

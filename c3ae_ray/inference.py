@@ -13,13 +13,14 @@ and a message); a new model output (a head) is a field of `Outputs` and `Face`, 
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from c3ae_ray.augment import crop_batch
+from c3ae_ray.calibrate import age_range_of, bounds
 from c3ae_ray.config import resolve_device
 from c3ae_ray.crops import N_SCALES, CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig, FaceDetector, Faces
@@ -64,6 +65,8 @@ class Outputs:
     age: np.ndarray  # (n,) years, >= 0
     distribution: np.ndarray | None  # (n, bins); None for a model without the cascade
     p_female: np.ndarray | None = None  # (n,) probability; None for a model without the gender head
+    age_low: np.ndarray | None = None  # (n,) the age range's ends (`calibrate`); None for a file without one
+    age_high: np.ndarray | None = None
 
     def part(self, start: int, end: int) -> "Outputs":
         return Outputs(*(None if value is None else value[start:end] for value in self._values()))
@@ -88,6 +91,8 @@ class Face:
     age: float
     distribution: np.ndarray | None  # over the model's bins
     p_female: float | None  # None without a gender head
+    age_low: float | None  # the calibrated age range (`calibrate`); None for a model file without one
+    age_high: float | None
     gender: str | None  # "female" when p_female >= 0.5, else "male"; None without a gender head
 
 
@@ -158,7 +163,8 @@ def predict_regions(model: C3AE, regions, boxes, batch_size: int = 256) -> Outpu
 
 
 class AgeModel:
-    """The model half: cut regions -> `Outputs`, in one batch. It reads the model file and its crop geometry."""
+    """The model half: cut regions -> `Outputs`, in one batch. It reads the model file, its crop geometry and
+    its age range's calibration (if any)."""
 
     def __init__(self, model_source, device: str = "auto", name: str | None = None):
         self.device = resolve_device(device)
@@ -167,9 +173,14 @@ class AgeModel:
         self.crop = model_crop(self.payload)
         self.identity = model_identity(self.payload, name or (model_source if isinstance(model_source, (str, Path)) else "model"))
         self.bins = self.model.cfg.bins.tolist()
+        self.age_range = age_range_of(self.payload)
 
     def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
-        return predict_regions(self.model, regions, boxes)
+        outputs = predict_regions(self.model, regions, boxes)
+        if self.age_range is None:
+            return outputs
+        low, high = bounds(outputs.age, outputs.distribution, self.age_range, np.asarray(self.bins, np.float32))
+        return replace(outputs, age_low=low.astype(np.float32), age_high=high.astype(np.float32))
 
 
 def attach(found: list[FaceRegions | ImageFailure], outputs: Outputs) -> list[ImageFaces | ImageFailure]:
@@ -191,9 +202,9 @@ def attach(found: list[FaceRegions | ImageFailure], outputs: Outputs) -> list[Im
 
 def _face_outputs(outputs: Outputs, index: int) -> dict:
     values = outputs.face(index)
-    p_female = None if values["p_female"] is None else float(values["p_female"])
-    gender = None if p_female is None else "female" if p_female >= 0.5 else "male"
-    return {**values, "age": float(values["age"]), "p_female": p_female, "gender": gender}
+    optional = {name: None if values[name] is None else float(values[name]) for name in ("p_female", "age_low", "age_high")}
+    gender = None if optional["p_female"] is None else "female" if optional["p_female"] >= 0.5 else "male"
+    return {**values, "age": float(values["age"]), **optional, "gender": gender}
 
 
 def no_regions(crop: CropConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Age metrics as the paper reports them, one definition for training, evaluation and the model card:
-MAE in years and the cumulative accuracy CA(n), the share of faces within n years; gender accuracy; each by age
-decade or any other grouping (the model card's fairness tables)."""
+MAE in years and the cumulative accuracy CA(n), the share of faces within n years; gender accuracy; the age
+range's coverage and width; each by age decade or any other grouping (the model card's fairness tables)."""
 
 from __future__ import annotations
 
@@ -58,6 +58,23 @@ def by_decade(predicted, true, p_female=None, genders=None) -> list[dict]:
         decade = row.pop("group")
         rows.append({"decade": decade, "ages": decade_label(decade), **row})
     return rows
+
+
+def range_metrics(low, high, true) -> dict:
+    """{faces, coverage, mean_width}: the share of true ages inside [low, high] and its mean width in years."""
+    low, high, true = (np.asarray(v, dtype=np.float64) for v in (low, high, true))
+    if not len(true):
+        return {"faces": 0, "coverage": None, "mean_width": None}
+    return {"faces": int(len(true)), "coverage": float(((true >= low) & (true <= high)).mean()),
+            "mean_width": float((high - low).mean())}
+
+
+def range_by_decade(low, high, true) -> list[dict]:
+    """`range_metrics` per decade of the true age, youngest first."""
+    low, high, true = (np.asarray(v, dtype=np.float64) for v in (low, high, true))
+    decades = (true // DECADE).astype(int)
+    return [{"decade": int(d), "ages": decade_label(int(d)), **range_metrics(low[decades == d], high[decades == d], true[decades == d])}
+            for d in sorted(set(decades.tolist()))]
 
 
 def error_sums(errors) -> list[float]:

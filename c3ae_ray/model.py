@@ -274,10 +274,11 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_model(model: C3AE, path, *, crop_config: dict | None = None, meta: dict | None = None) -> int:
+def save_model(model: C3AE, path, *, crop_config: dict | None = None, meta: dict | None = None,
+               age_range: dict | None = None) -> int:
     """Write the one model file every stage loads: weights plus plain values. Returns its size in bytes.
 
-    `path` may be a filesystem path or a binary file object.
+    `path` may be a filesystem path or a binary file object; `age_range` is `calibrate.AgeRange` as a dict.
     """
     payload = {
         "format": MODEL_FORMAT,
@@ -285,6 +286,7 @@ def save_model(model: C3AE, path, *, crop_config: dict | None = None, meta: dict
         "crop_config": dict(crop_config or {}),
         "meta": dict(meta or {}),
         "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        **({"age_range": dict(age_range)} if age_range else {}),
     }
     buffer = io.BytesIO()
     torch.save(payload, buffer)

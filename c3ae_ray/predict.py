@@ -31,14 +31,17 @@ class PredictConfig:
 
 
 def predict_files(cfg: PredictConfig) -> list[dict]:
-    """One result per image, in order: {path, faces: [{box, score, age, gender, p_female}], n_faces, error, drawn}
-    (gender and p_female null for a model without a gender head)."""
+    """One result per image, in order: {path, faces: [{box, score, age, age_low, age_high, gender, p_female}],
+    n_faces, error, drawn, age_range_coverage} (the age range, meant to hold age_range_coverage of true ages, null
+    for a model file without one; gender and p_female null for a model without a gender head)."""
     estimator = Estimator(cfg.model, cfg.device, cfg.detector)
     if cfg.draw:
         Path(cfg.draw).mkdir(parents=True, exist_ok=True)
     results, drawn_names = [], set()
+    age_range = estimator.age_model.age_range
+    coverage = None if age_range is None else age_range.coverage
     for path in cfg.images:
-        result = {"path": str(path), "faces": [], "n_faces": 0, "error": None}
+        result = {"path": str(path), "faces": [], "n_faces": 0, "error": None, "age_range_coverage": coverage}
         results.append(result)
         try:
             image = read_image(path, cfg.max_pixels)
@@ -51,6 +54,8 @@ def predict_files(cfg: PredictConfig) -> list[dict]:
             continue
         result["faces"] = [
             {"box": [round(float(v), 1) for v in face.box], "score": round(face.score, 4), "age": round(face.age, 1),
+             "age_low": None if face.age_low is None else round(face.age_low, 1),
+             "age_high": None if face.age_high is None else round(face.age_high, 1),
              "gender": face.gender, "p_female": None if face.p_female is None else round(face.p_female, 4)}
             for face in answer.faces
         ]
@@ -72,7 +77,8 @@ def _draw(image: np.ndarray, ages: ImageFaces, folder: Path, stem: str, taken: s
     for face in ages.faces:
         x1, y1, x2, y2 = (int(round(v)) for v in face.box)
         cv2.rectangle(canvas, (x1, y1), (x2, y2), (0, 200, 255), thickness)
-        label = f"{face.age:.0f}" + ("" if face.gender is None else f" {face.gender[0].upper()}")
+        label = f"{face.age:.0f}" + ("" if face.age_low is None else f" ({face.age_low:.0f}-{face.age_high:.0f})") \
+            + ("" if face.gender is None else f" {face.gender[0].upper()}")
         scale = max(0.5, (x2 - x1) / 120)
         (width, height), _ = cv2.getTextSize(label, cv2.FONT_HERSHEY_SIMPLEX, scale, thickness)
         top = max(height + 4, y1 - 4)
@@ -95,10 +101,14 @@ def format_results(results: list[dict]) -> str:
         for number, face in enumerate(faces, 1):
             box = ", ".join(f"{v:.0f}" for v in face["box"])
             gender = "" if face["gender"] is None else f"  {face['gender']} (p_female {face['p_female']:.2f})"
-            lines.append(f"  face {number}: age {face['age']:.1f}{gender}  box [{box}]  score {face['score']:.3f}")
+            spread = "" if face["age_low"] is None else f" ({face['age_low']:.0f}-{face['age_high']:.0f})"
+            lines.append(f"  face {number}: age {face['age']:.1f}{spread}{gender}  box [{box}]  score {face['score']:.3f}")
         if result.get("drawn"):
             lines.append(f"  drawn: {result['drawn']}")
     read = [r for r in results if not r["error"]]
     faces = sum(len(r["faces"]) for r in read)
     lines.append(f"{len(results)} file(s): {len(read)} read, {faces} face(s), {len(results) - len(read)} unreadable")
+    coverage = next((r["age_range_coverage"] for r in read if r["faces"] and r.get("age_range_coverage")), None)
+    if coverage:
+        lines.append(f"in brackets: the range that held {100 * coverage:.0f}% of true ages on faces the model never trained on")
     return "\n".join(lines)

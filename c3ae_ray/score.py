@@ -47,6 +47,8 @@ SCHEMA = pa.schema(
         ("landmarks", pa.list_(pa.float32())),  # 5 (x, y) points flattened: eyes, nose, mouth corners
         ("face_score", pa.float32()),  # MTCNN probability
         ("age", pa.float32()),  # years
+        ("age_low", pa.float32()),  # the age range (summary.json: model.age_range.coverage); null for a file without one
+        ("age_high", pa.float32()),
         ("distribution", pa.list_(pa.float32())),  # probabilities over the model's age bins (summary.json: bins)
         ("gender", pa.string()),  # "female" or "male"; null for a model without a gender head
         ("p_female", pa.float32()),  # the gender head's probability of "female"
@@ -140,6 +142,8 @@ def answer_rows(path: str, answer: ImageFaces | ImageFailure, identity: tuple[st
             landmarks=face.landmarks.reshape(-1).tolist(),
             face_score=face.score,
             age=face.age,
+            age_low=face.age_low,
+            age_high=face.age_high,
             distribution=None if face.distribution is None else face.distribution.tolist(),
             gender=face.gender,
             p_female=face.p_female,
@@ -188,7 +192,7 @@ def score(cfg: ScoreConfig) -> dict:
             "images_per_s": round(counts["images"] / elapsed, 2),
             "device": run["device"], "actors": run["actors"],
             "model": {"location": cfg.model, "name": name, "version": version, "sha256": payload["sha256"],
-                      "config": to_dict(model.cfg), "bins": model.cfg.bins.tolist()},
+                      "config": to_dict(model.cfg), "bins": model.cfg.bins.tolist(), "age_range": payload.get("age_range")},
             "crop": to_dict(model_crop(payload)),
             "config": to_dict(replace(cfg, device=run["device"])),
             "schema": {name: str(SCHEMA.field(name).type) for name in SCHEMA.names},

@@ -129,7 +129,7 @@ class AgePredictor(_BatchingWorker):
 class AgeAPI:
     def __init__(self, finder, predictor, model: dict, crop: CropConfig, api_key_sha256: str | None):
         self.finder, self.predictor = finder, predictor
-        self.model = model  # name, version, sha256, bins
+        self.model = model  # name, version, sha256, age_range_coverage, bins
         self.crop = crop
         self.api_key_sha256 = api_key_sha256
         self.limits = Limits()  # until reconfigure() gives the user_config
@@ -165,7 +165,9 @@ class AgeAPI:
         summary="Age and gender of every face in a photo",
         description="The photo as the raw body (image/jpeg, image/png, image/webp), as multipart/form-data field "
         "`file`, or as JSON {\"image\": \"<base64>\"}; optional `max_faces` (query, form or JSON field). Each face "
-        "has its age in years, the bins' probabilities, and `gender` with `p_female` (null for a model without a gender head).",
+        "has its age in years with `age_low` and `age_high`, a range meant to hold the model's `age_range_coverage` "
+        "of true ages (calibrated on held-out faces; null for a model file without a range), the bins' probabilities, "
+        "and `gender` with `p_female` (null for a model without a gender head).",
         responses={200: {"description": "the faces, most confident first", "content": {"application/json": {"example": AGE_EXAMPLE}}}},
     )
     async def age(self, request: Request) -> JSONResponse:
@@ -213,7 +215,7 @@ class AgeAPI:
                 "faces": [face_json(face, self.model["bins"]) for face in result.faces],
                 "n_faces": result.n_faces,
                 "image": {"width": result.width, "height": result.height},
-                "model": {k: self.model[k] for k in ("name", "version", "sha256")},
+                "model": {k: self.model[k] for k in ("name", "version", "sha256", "age_range_coverage")},
                 "request_id": request_id,
                 "elapsed_ms": round((time.perf_counter() - started) * 1000, 1),
             }
@@ -272,7 +274,8 @@ def build_app(args: dict | ServeConfig):
     model_bytes = storage.read_bytes(cfg.model_location)
     model = AgeModel(model_bytes, "cpu", name=cfg.model_location)  # a bad model fails here, before any replica starts
     name, version = model.identity
-    model_info = {"name": name, "version": version, "sha256": model.payload["sha256"], "bins": model.bins}
+    model_info = {"name": name, "version": version, "sha256": model.payload["sha256"], "bins": model.bins,
+                  "age_range_coverage": None if model.age_range is None else model.age_range.coverage}
     key = os.environ.get(API_KEY_ENV)
     device, gpu_share = worker_device(cfg.device)
     batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}

@@ -29,12 +29,12 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
 
-from c3ae_ray import __version__, plots, storage
+from c3ae_ray import __version__, calibrate, plots, storage
 from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import UserError, build, check, to_dict
 from c3ae_ray.crops import N_SCALES, CropConfig
@@ -362,19 +362,37 @@ def train(cfg: TrainConfig) -> dict:
         raise RuntimeError("training ended without a checkpoint")
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
-    return _write_outputs(cfg, filesystem, out, state, data, data_summary, init_provenance, time.perf_counter() - started)
+    return _write_outputs(cfg, filesystem, out, state, data, sources["val"], data_summary, init_provenance, started)
 
 
-def _write_outputs(cfg: TrainConfig, filesystem, out: str, state: dict, data: FaceData, data_summary: dict, init_provenance, elapsed: float) -> dict:
+def calibrated_range(model: C3AE, val: tuple[FaceData, str | None], val_fraction: float) -> dict | None:
+    """The best model's age range from its validation faces (`calibrate`), or None (said why) when they are too few."""
+    faces, split = val
+    fraction = val_fraction if split else 1.0  # a separate validation output: all of its rows are validation
+    calibration_rows, _ = calibrate.split_parts(faces, fraction)
+    if calibration_rows.sum() < calibrate.MIN_FACES:
+        print(f"no age range: {int(calibration_rows.sum())} calibration faces (half of validation), at least "
+              f"{calibrate.MIN_FACES} needed", flush=True)
+        return None
+    result = calibrate.calibrate_model(model, faces, fraction)
+    print(calibrate.format_summary(calibrate.summary_of(result)), flush=True)
+    return result
+
+
+def _write_outputs(cfg: TrainConfig, filesystem, out: str, state: dict, data: FaceData, val: tuple[FaceData, str | None],
+                   data_summary: dict, init_provenance, started: float) -> dict:
     history, best = state["history"], state["best"]
     best_record = next(r for r in history if r["epoch"] == best["epoch"])
     best_metrics = {k: round(v, 4) for k, v in best_record.items() if k.startswith("val_")}
     model = C3AE(cfg.model)
     model.load_state_dict(best["model"])
+    model.eval()
+    ranged = calibrated_range(model, val, cfg.val_fraction)
     buffer = io.BytesIO()
     meta = {"data": data_summary, "best_epoch": best["epoch"], **best_metrics, "train_config": to_dict(cfg),
             "init_from": init_provenance, "c3ae_ray_version": __version__}
-    model_bytes = save_model(model, buffer, crop_config=to_dict(data.crop), meta=meta)
+    model_bytes = save_model(model, buffer, crop_config=to_dict(data.crop), meta=meta,
+                             age_range=None if ranged is None else asdict(ranged["age_range"]))
     metrics_csv = io.StringIO()
     # every record's columns: a run resumed across versions may have records with more of them
     writer = csv.DictWriter(metrics_csv, fieldnames=list(dict.fromkeys(key for record in history for key in record)))
@@ -391,7 +409,8 @@ def _write_outputs(cfg: TrainConfig, filesystem, out: str, state: dict, data: Fa
         "final_train_loss": round(history[-1]["train_loss"], 4),
         "mean_samples_per_s": round(float(np.mean([r["samples_per_s"] for r in history])), 1),
         "model_bytes": model_bytes, "data": data_summary, "workers": cfg.workers, "gpu": cfg.gpu,
-        "elapsed_s": round(elapsed, 1), "config": to_dict(cfg), "c3ae_ray_version": __version__,
+        "age_range": None if ranged is None else calibrate.summary_of(ranged),
+        "elapsed_s": round(time.perf_counter() - started, 1), "config": to_dict(cfg), "c3ae_ray_version": __version__,
     }
     storage.write_json(filesystem, f"{out}/{storage.SUMMARY}", summary)
     return summary
@@ -407,4 +426,6 @@ def format_summary(summary: dict) -> str:
         + (f", gender accuracy {summary['val_gender_acc']:.3f}" if "val_gender_acc" in summary else ""),
         f"  {summary['mean_samples_per_s']} samples/s on {summary['workers']} {'GPU' if summary['gpu'] else 'CPU'} "
         f"worker(s), {summary['elapsed_s']} s; model.pt {summary['model_bytes']} bytes",
+        "  " + (calibrate.format_summary(summary["age_range"]) if summary.get("age_range") else
+                "no age range (too few validation faces to calibrate one; see `c3ae calibrate`)"),
     ])

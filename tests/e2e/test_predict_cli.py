@@ -1,5 +1,5 @@
-"""`c3ae predict` as a user types it, with the bundled model: one line per face, per-file errors, JSON,
-annotated copies, and exit 1 only when nothing could be read; with a gender head its gender too."""
+"""`c3ae predict` as a user types it, with the bundled model: one line per face with its age range, per-file
+errors, JSON, annotated copies, and exit 1 only when nothing could be read; with a gender head its gender too."""
 
 from __future__ import annotations
 
@@ -23,10 +23,13 @@ def predict(*args):
 def test_one_photo_prints_one_face_with_an_age(shared_data):
     result = predict(shared_data / "faces" / "ivan.jpg")
     assert result.returncode == 0, result.stderr
-    faces = re.findall(r"^  face (\d+): age ([\d.]+)  (female|male) \(p_female [\d.]+\)  box \[(\d+), (\d+), (\d+), (\d+)\]",
+    faces = re.findall(r"^  face (\d+): age ([\d.]+) \((\d+)-(\d+)\)  (female|male) \(p_female [\d.]+\)  box \[(\d+), (\d+), (\d+), (\d+)\]",
                        result.stdout, re.M)
-    assert len(faces) == 1 and 1 <= float(faces[0][1]) <= 100 and faces[0][2] == "male"  # the bundled model has a gender head
-    assert result.stdout.splitlines()[-1] == "1 file(s): 1 read, 1 face(s), 0 unreadable"
+    assert len(faces) == 1 and 1 <= float(faces[0][1]) <= 100 and faces[0][4] == "male"  # the bundled model has a gender head
+    low, high = int(faces[0][2]), int(faces[0][3])  # its calibrated 80% range, whole years
+    assert low <= round(float(faces[0][1])) <= high and 3 <= high - low <= 60
+    assert result.stdout.splitlines()[-2:] == ["1 file(s): 1 read, 1 face(s), 0 unreadable",
+                                               "in brackets: the range that held 80% of true ages on faces the model never trained on"]
 
 
 def test_mixed_files_are_reported_each_and_drawn(shared_data, tmp_path):
@@ -58,6 +61,9 @@ def test_a_model_with_a_gender_head_answers_gender_in_text_and_json(shared_data,
     assert face["gender"] == ("female" if face["p_female"] >= 0.5 else "male") and "ethnicity" not in face
     [bundled] = json.loads(predict(photo, "--json").stdout)
     assert bundled["faces"][0]["gender"] == "male"  # the bundled model has the head too; ivan.jpg is a man
+    assert bundled["age_range_coverage"] == 0.8 and bundled["faces"][0]["age_low"] < bundled["faces"][0]["age"] < bundled["faces"][0]["age_high"]
+    assert result["age_range_coverage"] is None and face["age_low"] is None and face["age_high"] is None  # a file without a range
+    assert "in brackets" not in text.stdout
     model.save_model(model.C3AE(), tmp_path / "age-only.pt")  # a model without the head answers null
     [age_only] = json.loads(predict(photo, "--model", tmp_path / "age-only.pt", "--json").stdout)
     assert age_only["faces"][0]["gender"] is None and age_only["faces"][0]["p_female"] is None

@@ -109,7 +109,7 @@ def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, model_file)
         assert face["gender"] in ("female", "male") and 0 < face["p_female"] < 1 and "ethnicity" not in face
         documented = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]["/v1/age"]["post"]["responses"]["200"]
         example = documented["content"]["application/json"]["example"]["faces"][0]
-        assert {"age", "gender", "p_female"} <= set(example)
+        assert {"age", "age_low", "age_high", "gender", "p_female"} <= set(example)
     finally:
         output = interrupt(process, lines)
     assert "c3ae serve: ready" in output and f"{url}/" in output and "c3ae serve: stopped" in output

@@ -1,7 +1,8 @@
 """The bundled model's accuracy on UTKFace faces it never trained on is what its model card states, measured
 afresh from a new preprocessing of the shared `utkface` folder by the card command itself: the card's row for
 that folder (the faces the project's age target, card.TARGET_MAE, is set on), and no worse there than the first
-bundled model (5.49)."""
+bundled model (5.49). Its age range holds its stated share of true ages on the held-out faces its calibration
+never saw, and `c3ae calibrate` fits the same on this folder alone."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ import re
 
 import pytest
 
+import torch
+
+from c3ae_ray.calibrate import age_range_of, calibrate_file
 from c3ae_ray.card import TARGET_FOLDER, write_card
 from c3ae_ray.model import BUNDLED_MODEL, load_model
 
@@ -39,3 +43,20 @@ def test_bundled_model_accuracy_on_the_held_out_faces_is_what_its_card_says(utkf
     assert abs(float(mae) - measured["mae"]) <= 0.05 and abs(float(ca5) - measured["ca5"]) <= 0.01
     assert abs(float(gender.split()[0]) - measured["gender_acc"]) <= 0.01
     assert card_number(remade, "MAE") == f"**{measured['mae']:.2f} years**"
+    age_range = measured["age_range"]  # on the half of the held-out faces the shipped calibration did not use
+    assert age_range["target_coverage"] == 0.8 and age_range["faces"] >= 350
+    assert abs(age_range["coverage"] - 0.8) <= 0.05 and 10 <= age_range["mean_width"] <= 25, age_range
+    assert f"it held\n**{100 * age_range['coverage']:.1f}%** of true ages" in remade
+
+
+@pytest.mark.slow
+def test_calibrate_fits_a_range_that_holds_on_faces_it_did_not_see(utkface_parquet, tmp_path):
+    out = tmp_path / "calibrated.pt"
+    summary = calibrate_file(str(BUNDLED_MODEL), str(utkface_parquet), str(out), coverage=0.9)
+    fitted = summary["age_range"]
+    assert fitted["coverage"] == 0.9 and fitted["faces"] >= 350 and fitted["check_faces"] >= 350
+    assert abs(fitted["check_coverage"] - 0.9) <= 0.05, fitted
+    original, _ = load_model(BUNDLED_MODEL)
+    written, payload = load_model(out)
+    assert age_range_of(payload).coverage == 0.9 and len(age_range_of(payload).below) == len(fitted["below"])
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), written.state_dict().values()))

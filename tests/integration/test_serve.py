@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -76,8 +77,12 @@ def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, s
             assert list(distribution) == [f"{b}" for b in range(0, 120, 10)]
             assert abs(sum(distribution.values()) - 1) < 0.01
             assert served_face["gender"] == local_face.gender and abs(served_face["p_female"] - local_face.p_female) <= 0.01
+            for end in ("age_low", "age_high"):  # the bundled file's calibrated range, as the library gives it
+                assert abs(served_face[end] - getattr(local_face, end)) <= 0.1, end
+            assert served_face["age_low"] < served_face["age"] < served_face["age_high"]
             assert "ethnicity" not in served_face
-        assert body["model"] == {"name": "c3ae_utkface", "version": body["model"]["version"], "sha256": body["model"]["sha256"]}
+        assert body["model"] == {"name": "c3ae_utkface", "version": body["model"]["version"], "sha256": body["model"]["sha256"],
+                                 "age_range_coverage": 0.8}
         assert len(body["model"]["version"]) == 12 and body["request_id"]
         assert answer.headers["x-request-id"] == body["request_id"]
         assert body["image"] == dict(zip(("width", "height"), Image.open(faces / name).size))
@@ -263,9 +268,11 @@ def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_dat
         page.wait_for_selector("body[data-state=done]", timeout=60_000)
         boxes = page.locator(".box")
         assert boxes.count() == 1
-        age = float(boxes.first.locator(".age").inner_text().split()[0])  # "34", or "34 F" with a gender head
-        assert 18 <= age <= 45  # the bundled model on a young man's photo
+        label = boxes.first.locator(".age").inner_text()  # "34 (28\u201341) M": age, its range, gender (bundled model)
+        age, low, high = (float(n) for n in re.match(r"(\d+) \((\d+)\u2013(\d+)\) M$", label).groups())
+        assert 18 <= age <= 45 and low < age < high  # the bundled model on a young man's photo
         assert page.locator("#faces li.face").count() == 1
+        assert re.search(r"80% range \(\d+\u2013\d+\), male", page.locator("#faces li.face").inner_text())
         assert "1 face" in page.locator("#status").inner_text()
         box = boxes.first.bounding_box()
         photo = page.locator("#photo").bounding_box()

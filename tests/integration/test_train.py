@@ -1,6 +1,7 @@
 """`train` on the session's local Ray: a complete run folder (faces held in memory), two streaming workers
 onto S3, a killed worker that resumes from its latest checkpoint, fine-tuning from a model file, gender and
-ethnicity heads with the card's fairness tables, and preprocess -> pretrain -> fine-tune on the real wiki.mat."""
+ethnicity heads with the card's fairness tables, the age range calibrated at the end of a run, and preprocess ->
+pretrain -> fine-tune on the real wiki.mat."""
 
 from __future__ import annotations
 
@@ -61,6 +62,19 @@ def test_one_worker_writes_metrics_plots_checkpoints_and_a_small_model(one_worke
     assert payload["meta"]["val_mae"] == pytest.approx(float(best["val_mae"]), abs=1e-3)
     assert payload["meta"]["data"]["train"]["faces"] == data["train"]["faces"]
     assert payload["meta"]["train_config"]["epochs"] == 2 and model.cfg.se
+    assert "age_range" not in payload and summary["age_range"] is None  # 4 validation faces: too few to calibrate on
+
+
+@pytest.mark.slow
+def test_a_run_calibrates_its_age_range_on_its_validation_faces(face_parquet, utkface_parquet, tmp_path):
+    """Validated on a separate output (every shared UTKFace face), the run fits its range on one hash half of
+    those faces and checks it on the other, and the file answers with it."""
+    summary = run(face_parquet, tmp_path / "run", epochs=1, val_data=str(utkface_parquet))
+    fitted = summary["age_range"]["age_range"]
+    assert fitted["coverage"] == 0.8 and fitted["faces"] + fitted["check_faces"] == summary["data"]["val"]["faces"]
+    assert abs(fitted["check_coverage"] - 0.8) <= 0.05, fitted  # one epoch on 40 faces: wide, but honest
+    _, payload = load_model(tmp_path / "run" / "model.pt")
+    assert payload["age_range"] == fitted
 
 
 def test_two_streaming_workers_split_the_data_and_write_the_run_to_s3(face_parquet, s3_server):

@@ -21,7 +21,8 @@ def test_exports_match_pytorch_within_1e4_years(fmt, which, tmp_path):
         save_model(C3AE(), source)
     out = str(tmp_path / f"model.{fmt}")
     summary = export_model(source, fmt, out)
-    outputs = ["age", "distribution"] + ["p_female"] * (which == "bundled")  # the bundled model has a gender head
+    # the bundled model has an age range and a gender head
+    outputs = ["age", "distribution"] + ["age_low", "age_high", "p_female"] * (which == "bundled")
     assert summary["outputs"] == outputs
     assert summary["max_age_difference"] <= 1e-4 and Path(out).stat().st_size == summary["bytes"] > 10_000
     model, _ = load_model(source)

@@ -128,6 +128,7 @@ def test_rows_for_faces_no_face_and_bad_files(estimator, shared_data, tmp_path):
     assert single["status"] == "face" and len(single["box"]) == 4 and len(single["landmarks"]) == 10
     assert len(single["distribution"]) == 12 and sum(single["distribution"]) == pytest.approx(1, abs=1e-4)
     assert single["age"] >= 0 and single["face_score"] >= 0.9
+    assert single["age_low"] is None and single["age_high"] is None  # this model file has no age range
     assert single["gender"] == ("female" if single["p_female"] >= 0.5 else "male") and 0 < single["p_female"] < 1
     assert all(set(row) == set(SCHEMA.names) for row in rows) and "ethnicity" not in SCHEMA.names  # a training aid only
     assert {(r["model_name"], r["model_version"]) for r in rows} == {("test", "7")}
