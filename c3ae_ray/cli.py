@@ -297,7 +297,8 @@ def _add_score(commands) -> None:
     (
         _Command(commands, "score", ScoreConfig, _score, "image store -> every face's age -> Parquet (Ray Data)",
                  "Detect every face in a folder, a file list, one image or an s3:// (gs://) prefix and write one Parquet row "
-                 f"per face with its age; images without faces and unreadable files get a row each. {RAY_WHERE}")
+                 "per face with its age; videos give a row per face per frame sampled at --fps, with its time; images "
+                 f"(or frames) without faces and unreadable files get a row each. {RAY_WHERE}")
         .flag("--input", "input", "folder, image, list of images (a line each) or s3://bucket/prefix")
         .flag("--out", "out", "output folder: a local path or s3://bucket/prefix")
         .flag("--model", "model", "a model.pt from `c3ae train` (path or s3://; the default is the bundled model)")
@@ -307,6 +308,7 @@ def _add_score(commands) -> None:
         .flag("--batch-size", "batch_size", "images per actor batch", type=_positive_int)
         .flag("--max-faces", "max_faces", "per image, most confident first; none means all", type=_positive_int)
         .flag("--max-pixels", "max_pixels", "larger images are error rows", type=_positive_int)
+        .flag("--fps", "fps", "video frames sampled per second (a row per face per sampled frame)", type=float)
         .flag("--overwrite", "overwrite", "replace an existing --out once the new one is complete", action="store_true")
     )
 
@@ -316,15 +318,17 @@ def _add_predict(commands) -> None:
 
     command = (
         _Command(commands, "predict", PredictConfig, _predict,
-                 "the age of every face in a few photos, here and now (no Ray, bundled model by default)",
-                 "Detect the faces in each image and print each face's box and age. Runs in this process; unreadable files "
-                 "and images without a face are reported per file. Exit 1 only when no file could be read.")
+                 "the age of every face in a few photos or videos, here and now (no Ray, bundled model by default)",
+                 "Detect the faces in each image (and in a video's frames, sampled at --fps) and print each face's box and "
+                 "age. Runs in this process; unreadable files and images without a face are reported per file. Exit 1 "
+                 "only when no file could be read.")
         .flag("--model", "model", "a model.pt from `c3ae train` (path or s3://; the default is the bundled model)")
         .flag("--json", "json", "print the results as JSON", action="store_true")
         .flag("--draw", "draw", "write a copy of each photo with boxes and ages into this folder", metavar="OUT_DIR")
+        .flag("--fps", "fps", "video frames sampled per second", type=float)
         .detection_flags()
     )
-    command.parser.add_argument("images", nargs="+", metavar="IMAGE")
+    command.parser.add_argument("images", nargs="+", metavar="FILE", help="images or videos (.mp4, .mov, .avi, .mkv, .webm)")
 
 
 def _add_export(commands) -> None:

@@ -1,9 +1,13 @@
-"""Turning encoded bytes, or whatever image arrays callers hold, into the RGB uint8 (H, W, 3) that every stage works on."""
+"""Turning encoded bytes, or whatever image arrays callers hold, into the RGB uint8 (H, W, 3) that every stage works
+on; and a video's bytes into frames sampled at a rate (`c3ae predict` and `c3ae score` take videos)."""
 
 from __future__ import annotations
 
 import io
+import os
+import tempfile
 import warnings
+from collections.abc import Iterator
 
 import cv2
 import numpy as np
@@ -84,11 +88,60 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     return to_rgb_uint8(decoded)
 
 
-def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """A local image file -> RGB uint8, as `decode_image`; a file that cannot be read is ImageError('read_error')."""
+def read_file(path) -> bytes:
+    """A local file's bytes; one that cannot be read is ImageError('read_error')."""
     try:
         with open(path, "rb") as file:
-            data = file.read()
+            return file.read()
     except OSError as error:
         raise ImageError("read_error", error.strerror or str(error)) from None
-    return decode_image(data, max_pixels)
+
+
+def read_image(path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """A local image file -> RGB uint8, as `decode_image`; a file that cannot be read is ImageError('read_error')."""
+    return decode_image(read_file(path), max_pixels)
+
+
+VIDEO_EXTENSIONS = frozenset({".mp4", ".m4v", ".mov", ".avi", ".mkv", ".webm"})
+DEFAULT_FPS = 1.0  # video frames sampled per second
+
+
+def is_video(path: str) -> bool:
+    return os.path.splitext(str(path))[1].lower() in VIDEO_EXTENSIONS
+
+
+def decode_video(data: bytes, fps: float = DEFAULT_FPS, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 suffix: str = ".mp4") -> Iterator[tuple[float, np.ndarray]]:
+    """Encoded video -> (seconds from its start, RGB uint8 frame), one frame every 1/fps seconds from the first
+    (the first frame at or after each sampling time), yielded as decoded so a long video never sits in memory
+    whole. A video with no decodable frame raises ImageError on the first `next()`.
+
+    OpenCV's FFmpeg reads from a path, so the bytes pass through a temporary file (`suffix` helps it guess the
+    container). Frames are decoded in order, which every container supports; only the sampled ones are kept.
+    """
+    if not data:
+        raise ImageError("empty", "empty file")
+    index, due = 0, 0.0
+    with tempfile.NamedTemporaryFile(suffix=suffix) as file:
+        file.write(data)
+        file.flush()
+        capture = cv2.VideoCapture(file.name, cv2.CAP_FFMPEG)
+        try:
+            rate = capture.get(cv2.CAP_PROP_FPS) if capture.isOpened() else 0.0
+            while capture.isOpened():
+                ok, frame = capture.read()
+                if not ok:
+                    break
+                time_s = index / rate if rate > 0 else capture.get(cv2.CAP_PROP_POS_MSEC) / 1000
+                index += 1
+                if time_s + 1e-6 < due:
+                    continue
+                if frame.shape[0] * frame.shape[1] > max_pixels:
+                    raise ImageError("too_large", f"{frame.shape[1]}x{frame.shape[0]} frames are over the cap of {max_pixels:,} pixels")
+                yield round(time_s, 3), to_rgb_uint8(cv2.cvtColor(frame, cv2.COLOR_BGR2RGB))
+                while due <= time_s + 1e-6:
+                    due += 1 / fps
+        finally:
+            capture.release()
+    if index == 0:
+        raise ImageError("undecodable", "not a decodable video (corrupt, truncated or unsupported format)")

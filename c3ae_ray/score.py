@@ -1,16 +1,18 @@
-"""Batch scoring: every face in an image store -> one Parquet row with its estimated age.
+"""Batch scoring: every face in an image store (photos and videos) -> one Parquet row with its estimated age.
 
     c3ae score --input DIR|FILE_LIST|IMAGE|s3://bucket/prefix --out PATH|s3://... --model model.pt
 
 It runs the batch skeleton (`c3ae_ray.batch`): the listed images -> read tasks that fetch each file's bytes
 (a file that cannot be read becomes an error row, never a failed block) -> an actor pool where each actor
 holds one `inference.Estimator` (MTCNN, the crop geometry of `c3ae_ray.crops`, C3AE) and turns a batch of
-images into rows -> Parquet. Detector and model share an actor: the model's crops are cut from the decoded
+images into rows -> Parquet. A video is decoded in the actor into frames sampled at --fps, each answered as a
+photo with its time (`time_s`). Detector and model share an actor: the model's crops are cut from the decoded
 image, which a second pool would have to receive through the object store, and on CPU the model is a small
 share of the work (see the benchmark). The output folder:
 
-    OUT/predictions/*.parquet   one row per face (status face), per image without a face (no_face) and per
-                                image that could not be read or decoded (error, with a short reason)
+    OUT/predictions/*.parquet   one row per face (status face), per image or sampled frame without a face
+                                (no_face) and per file that could not be read or decoded (error, with a
+                                short reason)
     OUT/summary.json            counts, timing, the model's name and version, configs; written last
 
 A rerun into the same --out is refused unless --overwrite, and a crash never leaves files that look complete.
@@ -20,8 +22,11 @@ from __future__ import annotations
 
 import posixpath
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
+from itertools import islice
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 
@@ -30,7 +35,7 @@ from c3ae_ray.batch import PROGRESS_INTERVAL_S, BatchJob, PoolWorker, decoded_in
 from c3ae_ray.config import NotFoundError, UserError, check, to_dict
 from c3ae_ray.datasets import IMAGE_EXTENSIONS
 from c3ae_ray.detect import DetectorConfig
-from c3ae_ray.images import DEFAULT_MAX_PIXELS
+from c3ae_ray.images import DEFAULT_FPS, DEFAULT_MAX_PIXELS, VIDEO_EXTENSIONS, ImageError, decode_video, is_video
 from c3ae_ray.inference import Estimator, ImageFailure, ImageFaces
 from c3ae_ray.model import BUNDLED_MODEL, load_model, model_crop, model_identity
 
@@ -39,6 +44,7 @@ SCHEMA = pa.schema(
         ("path", pa.string()),  # the image as listed: an absolute local path or a full URI (s3://bucket/key)
         ("status", pa.string()),  # face, no_face or error
         ("reason", pa.string()),  # error rows: "code: detail" (read_error, too_large, undecodable, ...)
+        ("time_s", pa.float32()),  # a video's sampled frame: seconds from its start; null for a photo
         ("face_index", pa.int16()),  # 0 for the most confident face of an image, 1 for the next, ...
         ("n_faces", pa.int16()),  # faces over --min-face-score in the image, also those beyond --max-faces
         ("image_width", pa.int32()),
@@ -68,6 +74,7 @@ class ScoreConfig:
     batch_size: int = 32  # images per read task and per actor call
     max_faces: int | None = None  # per image, most confident first (None: all)
     max_pixels: int = DEFAULT_MAX_PIXELS  # larger images are error rows, never decoded
+    fps: float = DEFAULT_FPS  # video frames sampled per second
     overwrite: bool = False  # replace an existing out once the new one is complete
     progress_s: float = PROGRESS_INTERVAL_S  # seconds between progress lines (0: none)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
@@ -76,14 +83,19 @@ class ScoreConfig:
         check(self.max_faces is None or self.max_faces >= 1, f"--max-faces must be at least 1, got {self.max_faces}")
         check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         check(self.progress_s >= 0, f"progress_s must not be negative, got {self.progress_s}")
+        check(self.fps > 0, f"fps must be positive, got {self.fps}")
 
 
 # ---- the image store: listing ----
 
 
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS | VIDEO_EXTENSIONS
+
+
 def _is_image(path: str) -> bool:
+    """An image or a video, by extension (hidden files left out)."""
     name = posixpath.basename(path)
-    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+    return not name.startswith(".") and posixpath.splitext(name)[1].lower() in INPUT_EXTENSIONS
 
 
 def list_images(location: str) -> list[str]:
@@ -102,7 +114,7 @@ def list_images(location: str) -> list[str]:
     if info.type == pafs.FileType.Directory:
         images = [scheme + p for p in storage.files_under(filesystem, path) if _is_image(p)]
         if not images:
-            raise UserError(f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) under {location}")
+            raise UserError(f"no images or videos ({', '.join(sorted(INPUT_EXTENSIONS))}) under {location}")
     elif _is_image(path):
         images = [scheme + path]
     else:
@@ -127,11 +139,11 @@ def _row(path: str, status: str, identity: tuple[str, str], **values) -> dict:
             "model_name": identity[0], "model_version": identity[1], **values}
 
 
-def answer_rows(path: str, answer: ImageFaces | ImageFailure, identity: tuple[str, str]) -> list[dict]:
-    """One image's answer -> its output rows: one per face, or one no_face or error row."""
+def answer_rows(path: str, answer: ImageFaces | ImageFailure, identity: tuple[str, str], time_s: float | None = None) -> list[dict]:
+    """One image's (or sampled frame's) answer -> its output rows: one per face, or one no_face or error row."""
     if isinstance(answer, ImageFailure):
-        return [_row(path, "error", identity, reason=answer.reason)]
-    size = {"image_width": answer.width, "image_height": answer.height, "n_faces": answer.n_faces}
+        return [_row(path, "error", identity, reason=answer.reason, time_s=time_s)]
+    size = {"image_width": answer.width, "image_height": answer.height, "n_faces": answer.n_faces, "time_s": time_s}
     if not answer.faces:
         return [_row(path, "no_face", identity, **size)]
     return [
@@ -161,9 +173,29 @@ class FaceScorer(PoolWorker):
         self.estimator = Estimator(model_bytes, device, cfg.detector, cfg.max_faces, name=cfg.model)
 
     def rows(self, records: list[dict]) -> pa.Table:
-        answers = self.estimator.estimate(decoded_inputs(records, self.cfg.max_pixels))
+        pictures = frame_inputs(records, self.cfg.max_pixels, self.cfg.fps)
         identity = self.estimator.age_model.identity
-        return pa.Table.from_pylist([row for r, a in zip(records, answers) for row in answer_rows(r["path"], a, identity)], schema=SCHEMA)
+        rows = []
+        while part := list(islice(pictures, self.cfg.batch_size)):  # a video's frames arrive as they are decoded
+            answers = self.estimator.estimate([image for _, _, image in part])
+            rows += [row for (path, time_s, _), answer in zip(part, answers) for row in answer_rows(path, answer, identity, time_s)]
+        return pa.Table.from_pylist(rows, schema=SCHEMA)
+
+
+def frame_inputs(records: list[dict], max_pixels: int, fps: float) -> Iterator[tuple[str, float | None, np.ndarray | ImageFailure]]:
+    """Read rows -> (path, time_s, image or ImageFailure) for the inference path: a photo (or a row that failed to
+    read) gives one entry with time_s None, a video one per frame sampled at `fps` as decoded (or its one failure)."""
+    videos = {i for i, r in enumerate(records) if r["error"] is None and is_video(r["path"])}
+    photos = iter(decoded_inputs([r for i, r in enumerate(records) if i not in videos], max_pixels))
+    for i, record in enumerate(records):
+        if i not in videos:
+            yield record["path"], None, next(photos)
+            continue
+        try:
+            for time_s, frame in decode_video(record["data"], fps, max_pixels, posixpath.splitext(record["path"])[1]):
+                yield record["path"], time_s, frame
+        except ImageError as error:  # a video's come before its first frame
+            yield record["path"], None, ImageFailure.of(error)
 
 
 # ---- the stage ----
@@ -178,12 +210,18 @@ def score(cfg: ScoreConfig) -> dict:
     images = list_images(cfg.input)
 
     def summarize(filesystem, staging: str, run: dict) -> dict:
-        statuses, reasons, table = status_counts(filesystem, f"{staging}/predictions", "error", ("face_index",))
-        with_faces = sum(i == 0 for s, i in zip(table.column("status").to_pylist(), table.column("face_index").to_pylist()) if s == "face")
-        counts = {"images": with_faces + statuses["no_face"] + statuses["error"], "faces": statuses["face"],
-                  "images_with_faces": with_faces, "no_face": statuses["no_face"], "errors": statuses["error"], "error_reasons": reasons}
+        statuses, reasons, table = status_counts(filesystem, f"{staging}/predictions", "error", ("face_index", "path", "time_s"))
+        columns = (table.column(name).to_pylist() for name in ("status", "face_index", "path", "time_s"))
+        # one entry per answered picture (a photo, a sampled frame, or a file that failed): its first row
+        pictures = [(status, path, time_s) for status, index, path, time_s in zip(*columns) if status != "face" or index == 0]
+        with_faces = sum(status == "face" for status, _, _ in pictures)
+        video_paths = {path for _, path, time_s in pictures if time_s is not None}
+        frames = len(pictures) - sum(time_s is None for _, _, time_s in pictures)
+        counts = {"images": len(pictures) - frames + len(video_paths), "videos": len(video_paths), "video_frames": frames,
+                  "faces": statuses["face"], "images_with_faces": with_faces, "no_face": statuses["no_face"],
+                  "errors": statuses["error"], "error_reasons": reasons}
         if counts["images"] != len(images):
-            raise RuntimeError(f"{len(images)} images were listed but {counts['images']} have rows: output not published")
+            raise RuntimeError(f"{len(images)} files were listed but {counts['images']} have rows: output not published")
         elapsed = time.perf_counter() - started
         return {
             "input": cfg.input, "out": cfg.out, "listed": len(images), **counts,
@@ -214,6 +252,9 @@ def format_summary(summary: dict) -> str:
         f"  faces {summary['faces']} in {summary['images_with_faces']} images, no_face {summary['no_face']}, "
         f"errors {summary['errors']}",
     ]
+    if summary["videos"]:
+        lines.append(f"  of the images: {summary['videos']} video(s), sampled into {summary['video_frames']} frames "
+                     f"(counted as images in the line above)")
     if summary["error_reasons"]:
         lines.append(f"  errors by reason: {summary['error_reasons']}")
     lines.append(

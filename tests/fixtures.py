@@ -298,3 +298,18 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def make_clip(path: Path, photos: list[Path], seconds_each: float = 1.5, fps: int = 10, side: int = 320) -> Path:
+    """A video (MPEG-4 part 2 in an .mp4, OpenCV's writer) that shows each photo in turn for `seconds_each`
+    seconds at `fps` frames per second, every photo resized to side x side (the codec needs even sides)."""
+    import cv2
+
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (side, side))
+    assert writer.isOpened(), "OpenCV cannot write MPEG-4 video here"
+    for photo in photos:
+        frame = cv2.resize(cv2.imread(str(photo)), (side, side))
+        for _ in range(round(seconds_each * fps)):
+            writer.write(frame)
+    writer.release()
+    return path

@@ -12,6 +12,7 @@ from pathlib import Path
 import cv2
 
 from c3ae_ray import model
+from tests import fixtures
 
 C3AE = str(Path(sys.executable).with_name("c3ae"))
 
@@ -67,6 +68,30 @@ def test_a_model_with_a_gender_head_answers_gender_in_text_and_json(shared_data,
     model.save_model(model.C3AE(), tmp_path / "age-only.pt")  # a model without the head answers null
     [age_only] = json.loads(predict(photo, "--model", tmp_path / "age-only.pt", "--json").stdout)
     assert age_only["faces"][0]["gender"] is None and age_only["faces"][0]["p_female"] is None
+
+
+def test_a_video_gives_one_result_per_sampled_frame_with_its_time(shared_data, tmp_path):
+    faces = shared_data / "faces"
+    clip = fixtures.make_clip(tmp_path / "clip.mp4", [faces / "ivan.jpg", faces / "no-faces.jpg"])  # 1.5 s each
+    broken = tmp_path / "broken.mov"
+    broken.write_bytes(clip.read_bytes()[:5000])
+    result = predict(clip, broken, faces / "ivan.jpg", "--json", "--draw", tmp_path / "drawn")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # no OpenCV or FFmpeg chatter for the broken file
+    frames, [bad, photo] = (results := json.loads(result.stdout))[:3], results[3:]
+    assert [(r["path"], r["time_s"], len(r["faces"])) for r in frames] == [(str(clip), 0, 1), (str(clip), 1, 1), (str(clip), 2, 0)]
+    assert bad["path"] == str(broken) and bad["time_s"] is None and bad["error"].startswith("undecodable")
+    assert photo["time_s"] is None and len(photo["faces"]) == 1
+    video_age, photo_age = frames[0]["faces"][0]["age"], photo["faces"][0]["age"]
+    assert abs(video_age - photo_age) < 5  # the same face, resized and re-encoded
+    assert sorted(p.name for p in (tmp_path / "drawn").iterdir()) == ["clip-0s.jpg", "clip-1s.jpg", "clip-2s.jpg", "ivan.jpg"]
+    text = predict(clip, "--fps", "2")
+    assert text.returncode == 0, text.stderr
+    assert [line.split(":")[0] for line in text.stdout.splitlines() if line.startswith(str(clip))] == \
+        [f"{clip} at {t:g} s" for t in (0, 0.5, 1, 1.5, 2, 2.5)]
+    assert "1 file(s): 1 read, 3 face(s) in 6 video frame(s) and 0 photo(s), 0 unreadable" in text.stdout
+    refused = predict(clip, "--fps", "0")
+    assert refused.returncode == 1 and "fps must be positive" in refused.stderr and "Traceback" not in refused.stderr
 
 
 def test_nothing_readable_is_exit_1(tmp_path):

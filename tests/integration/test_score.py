@@ -83,6 +83,27 @@ def test_s3_input_and_output_on_a_loopback_server(ray_session, shared_data, mode
     assert corrupt["status"] == "error" and corrupt["reason"].startswith("undecodable")
 
 
+def test_a_store_with_videos_gets_a_row_per_face_per_sampled_frame(ray_session, shared_data, model_file, tmp_path):
+    faces = shared_data / "faces"
+    root = tmp_path / "store"
+    root.mkdir()
+    fixtures.make_clip(root / "clip.mp4", [faces / "ivan.jpg", faces / "no-faces.jpg"])  # 1.5 s each at 10 fps
+    (root / "broken.webm").write_bytes(b"\x1aE\xdf\xa3 not a real webm")
+    shutil.copyfile(faces / "ivan.jpg", root / "ivan.jpg")
+    summary = run(root, tmp_path / "out", model_file, batch_size=2)
+    assert summary["images"] == summary["listed"] == 3 and summary["videos"] == 1 and summary["video_frames"] == 3
+    assert summary["faces"] == 2 + 1 and summary["no_face"] == 1 and summary["errors"] == 1
+    assert summary["error_reasons"] == {"undecodable": 1}
+    rows = pq.read_table(tmp_path / "out" / "predictions").to_pylist()
+    clip = sorted((r for r in rows if r["path"].endswith("clip.mp4")), key=lambda r: r["time_s"])
+    assert [(r["time_s"], r["status"]) for r in clip] == [(0, "face"), (1, "face"), (2, "no_face")]
+    assert all(r["image_width"] == 320 and (r["age"] is None or r["age"] > 0) for r in clip)
+    [photo] = [r for r in rows if r["path"].endswith("ivan.jpg")]
+    [broken] = [r for r in rows if r["path"].endswith("broken.webm")]
+    assert photo["time_s"] is None and photo["status"] == "face"
+    assert broken["status"] == "error" and broken["reason"].startswith("undecodable") and broken["time_s"] is None
+
+
 def test_progress_reporter_is_done_when_the_stage_is(ray_session, capsys):
     """The stage shuts Ray down right after the block; a reporter still inside `ray.get` then would end the
     process, so the block must not return while the reporter runs."""
