@@ -18,6 +18,9 @@ def ray_runtime():
     if ray.is_initialized():
         yield ray
         return
+    # Ray Data's INFO lines (execution plans, "execution finished") in every process this Ray starts, training's
+    # data actors among them: each stage prints its own progress; RAY_DATA_LOG_LEVEL=INFO brings them back.
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
     else:

@@ -190,6 +190,9 @@ def train_worker(setup: dict) -> None:
 
     cfg = build(TrainConfig, setup["config"])
     logger.setLevel(logging.INFO)  # one line per epoch (Train V2 would show a print() twice)
+    # Train V2 also logs every report's whole metrics dict at INFO, from a logger outside `ray.train` that its
+    # LoggingConfig does not reach: the epoch line says it once, so this worker's other INFO lines stay quiet.
+    logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()

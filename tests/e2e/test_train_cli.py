@@ -40,6 +40,9 @@ def test_a_killed_run_resumes_when_the_same_command_is_run_again(face_parquet, t
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stdout.startswith(f"resuming {out}")
     assert "trained " in again.stdout and "val MAE" in again.stdout and "model.pt" in again.stdout
+    printed = again.stdout + again.stderr  # the epoch lines say each report once; Ray's INFO chatter stays out
+    assert printed.count("epoch 4/4: train loss") == 1
+    assert "Reporting training result" not in printed and "Execution plan of Dataset" not in printed
     history = json.loads((out / "metrics.json").read_text())
     assert [r["epoch"] for r in history] == [1, 2, 3, 4]
     first = [r["epoch"] for r in history if r["attempt"] == 1]
