@@ -174,12 +174,13 @@ class AgeModel:
         self.identity = model_identity(self.payload, name or (model_source if isinstance(model_source, (str, Path)) else "model"))
         self.bins = self.model.cfg.bins.tolist()
         self.age_range = age_range_of(self.payload)
+        self._bins = self.model.cfg.bins.numpy()  # the range's spread, computed per batch
 
     def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
         outputs = predict_regions(self.model, regions, boxes)
         if self.age_range is None:
             return outputs
-        low, high = bounds(outputs.age, outputs.distribution, self.age_range, np.asarray(self.bins, np.float32))
+        low, high = bounds(outputs.age, outputs.distribution, self.age_range, self._bins)
         return replace(outputs, age_low=low.astype(np.float32), age_high=high.astype(np.float32))
 
 
