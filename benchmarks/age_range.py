@@ -15,8 +15,8 @@ import argparse
 import numpy as np
 
 from c3ae_ray import calibrate
-from c3ae_ray.faces import decode_regions, open_faces, read_faces
-from c3ae_ray.inference import predict_regions
+from c3ae_ray.faces import open_faces, read_faces
+from c3ae_ray.inference import predict_stored
 from c3ae_ray.metrics import range_by_decade, range_metrics
 from c3ae_ray.model import load_model
 
@@ -33,9 +33,7 @@ def main() -> None:
     bins = model.cfg.bins.numpy()
 
     def outputs_of(rows):
-        index = np.flatnonzero(rows)
-        regions = decode_regions([faces["jpeg"][i] for i in index], [faces["path"][i] for i in index], data.crop.region_size)
-        return predict_regions(model, regions, faces["boxes"][index]), faces["age"][index]
+        return predict_stored(model, data, faces, rows), faces["age"][rows]
 
     calibration_rows, check_rows = calibrate.split_parts(data, payload["meta"]["train_config"]["val_fraction"])
     (fit_on, fit_true), (test_on, test_true) = outputs_of(calibration_rows), outputs_of(check_rows)

@@ -143,16 +143,14 @@ def split_parts(data, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
 def calibrate_model(model, data, val_fraction: float, coverage: float = COVERAGE) -> dict:
     """Fit the range on the calibration part of `data`'s validation faces and check it on the other part
     -> {age_range (AgeRange), check: the checked faces' true ages, ranges and coverage}."""
-    from c3ae_ray.faces import decode_regions, read_faces
-    from c3ae_ray.inference import predict_regions
+    from c3ae_ray.faces import read_faces
+    from c3ae_ray.inference import predict_stored
 
     faces = read_faces(data)
     bins = model.cfg.bins.numpy()
 
     def outputs_of(rows: np.ndarray):
-        index = np.flatnonzero(rows)
-        regions = decode_regions([faces["jpeg"][i] for i in index], [faces["path"][i] for i in index], data.crop.region_size)
-        return predict_regions(model, regions, faces["boxes"][index]), faces["age"][index]
+        return predict_stored(model, data, faces, rows), faces["age"][rows]
 
     calibration_rows, check_rows = split_parts(data, val_fraction)
     outputs, true = outputs_of(calibration_rows)

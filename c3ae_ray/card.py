@@ -23,11 +23,11 @@ import yaml
 
 from c3ae_ray import plots, storage
 from c3ae_ray.config import UserError, build, to_dict
-from c3ae_ray.faces import decode_regions, open_faces, read_faces
-from c3ae_ray.inference import predict_regions
+from c3ae_ray.faces import open_faces, read_faces
+from c3ae_ray.inference import predict_stored
 from c3ae_ray.calibrate import age_range_of, bounds
 from c3ae_ray.metrics import age_metrics, by_decade, by_group, gender_metrics, range_by_decade, range_metrics
-from c3ae_ray.model import BUNDLED_MODEL, ModelConfig, count_parameters, load_model
+from c3ae_ray.model import BUNDLED_MODEL, Ensemble, ModelConfig, count_parameters, load_model
 from c3ae_ray.train import TrainConfig
 
 PLOT = "error_by_decade.png"
@@ -44,10 +44,10 @@ def measure(model_source, data_location: str, val_fraction: float) -> dict:
     -> metrics overall, by decade, and by the dataset's gender and ethnicity labels and by source folder."""
     data = open_faces(data_location)
     faces = read_faces(data)
-    index = np.flatnonzero(data.held_out(val_fraction))  # training's own split
-    regions = decode_regions([faces["jpeg"][i] for i in index], [faces["path"][i] for i in index], data.crop.region_size)
+    held_out = data.held_out(val_fraction)  # training's own split
+    index = np.flatnonzero(held_out)
     model, payload = load_model(model_source)
-    outputs = predict_regions(model, regions, faces["boxes"][index])
+    outputs = predict_stored(model, data, faces, held_out)
     predicted, p_female, true = outputs.age, outputs.p_female, faces["age"][index]
     genders, ethnicities = ([faces[name][i] for i in index] for name in ("gender", "ethnicity"))
     every_folder = [_folder(path, data.summary["root"]) for path in faces["path"]]
@@ -95,11 +95,12 @@ def write_card(model_location: str, out: str, data_location: str | None = None) 
     measured = measure(model_bytes, data_location or config.data, config.val_fraction)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / PLOT).write_bytes(plots.png(plots.error_by_decade({"held-out faces": (measured["true"], measured["predicted"])})))
-    (Path(out) / "MODEL_CARD.md").write_text(_card(Path(model_location).name, model.cfg, config, meta, measured, len(model_bytes)))
+    members = len(model.members) if isinstance(model, Ensemble) else 1
+    (Path(out) / "MODEL_CARD.md").write_text(_card(Path(model_location).name, model.cfg, members, config, meta, measured, len(model_bytes)))
     return measured
 
 
-def _variant(cfg: ModelConfig) -> str:
+def _variant(cfg: ModelConfig, members: int) -> str:
     parts = [
         "context (three crops)" if cfg.context else "one crop (no context)",
         (f"the two-point cascade ({cfg.n_bins} bins, K = {cfg.interval:g})" if cfg.label_encoding == "two_point" else
@@ -115,7 +116,9 @@ def _variant(cfg: ModelConfig) -> str:
         named = ["a gender head (outputs gender and p_female)"] * cfg.gender_head + \
                 ["an ethnicity head (an auxiliary training task; never an output)"] * cfg.ethnicity_head
         heads = f"\nBeside the age it has {' and '.join(named)}."
-    return f"{name} of Zhang et al.\n(CVPR 2019), with {', '.join(parts[:-1])} and {parts[-1]}.{mirror}{heads}"
+    ensemble = (f"\nAn ensemble of {members} such models in one file, trained alike from {members} seeds: it answers the"
+                "\nmean of their ages, distributions and gender probabilities.") if members > 1 else ""
+    return f"{name} of Zhang et al.\n(CVPR 2019), with {', '.join(parts[:-1])} and {parts[-1]}.{mirror}{heads}{ensemble}"
 
 
 def _recipe(config: TrainConfig) -> str:
@@ -130,7 +133,7 @@ def _recipe(config: TrainConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(differing(chosen, defaults))), sort_keys=False).strip()
 
 
-def _card(file_name: str, cfg: ModelConfig, config: TrainConfig, meta: dict, m: dict, model_bytes: int) -> str:
+def _card(file_name: str, cfg: ModelConfig, members: int, config: TrainConfig, meta: dict, m: dict, model_bytes: int) -> str:
     data, summary = meta["data"], m["data"]
     gender = m["gender_head"]
     rows = "\n".join(f"| {d['ages']} | {d['faces']} | {d['mae']:.2f} | {d['ca5']:.3f} |{_gender_cell(d, gender)}" for d in m["by_decade"])
@@ -142,7 +145,7 @@ def _card(file_name: str, cfg: ModelConfig, config: TrainConfig, meta: dict, m: 
     pretrained = f"fine-tuned from `{config.init_from}`" if config.init_from else "trained from scratch (no pretraining)"
     return f"""# Model card: {file_name}
 
-{_variant(cfg)}
+{_variant(cfg, members)}
 {m['parameters']:,} parameters, {model_bytes:,} bytes, sha256 `{m['sha256']}`.
 Default model of `c3ae predict`, `c3ae score` and `c3ae serve`: {'yes' if file_name == BUNDLED_MODEL.name else 'no'}.
 
@@ -161,7 +164,7 @@ Default model of `c3ae predict`, `c3ae score` and `c3ae serve`: {'yes' if file_n
   {m['train_faces']:,} faces trained on.
 - Training: `c3ae train` on Ray Train, {pretrained}, {config.epochs} epochs, Adam (lr {config.learning_rate:g},
   weight decay {config.weight_decay:g}, batch {config.batch_size}), alpha {config.alpha:g} (KL) + L1, {_schedule(config)},
-  the best epoch kept ({meta['best_epoch']}).
+  {f"each member's best epoch kept ({', '.join(map(str, meta['best_epoch']))})" if members > 1 else f"the best epoch kept ({meta['best_epoch']})"}.
   Dropout {cfg.dropout_feat:g} (features) and {cfg.dropout_head:g} (head).
   Augmentation: {'none' if not augment else f"box shift {augment['shift']:g}, flips {augment['p_flip']:g}, rotation {augment['p_rotate']:g} (up to {augment['max_degrees']:g} degrees), colour {augment['p_brightness']:g}, erasing {augment['p_erase']:g}"}.
 
@@ -170,7 +173,7 @@ Default model of `c3ae predict`, `c3ae score` and `c3ae serve`: {'yes' if file_n
 |---|---|
 | MAE | **{m['mae']:.2f} years** |
 | CA(3) / CA(5) / CA(7) | {m['ca3']:.3f} / {m['ca5']:.3f} / {m['ca7']:.3f} |
-| training's own validation MAE (best epoch) | {meta['val_mae']:.2f} |
+| training's own validation MAE ({'the ensemble' if members > 1 else 'best epoch'}) | {meta['val_mae']:.2f} |
 {_gender_line(m)}
 {_targets(m)}
 

@@ -235,6 +235,8 @@ def _add_train(commands) -> None:
               action="store_const", const=True)
         .flag("--no-augment", "augment", "train without augmentation", action="store_const", const=None)
         .flag("--seed", "seed", type=int)
+        .flag("--members", "members", "an ensemble: train this many models (seeds seed, seed+1, ...) one after another "
+              "and write one model.pt that averages them", type=_positive_int)
         .flag("--data-cache", "data_cache", "memory: each worker decodes its faces once and keeps them; stream: decode "
               "every epoch; auto: memory up to 4 GiB per worker", choices=DATA_CACHES)
         .flag("--overwrite", "overwrite", "discard what --out holds and train from scratch", action="store_true")

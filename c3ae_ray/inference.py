@@ -3,7 +3,7 @@
 Every stage calls it: the scoring actor and `c3ae predict` run both halves in one process (`Estimator`);
 the two Serve deployments run one half each (`FaceFinder`, then `AgeModel`) and join them with `attach`;
 preprocessing runs the detector half alone and stores its regions; evaluation and the model card run the
-model half on stored regions (`predict_regions`). The geometry is `crops.cut_region` then
+model half on stored regions (`predict_regions`, `predict_stored`). The geometry is `crops.cut_region` then
 `augment.crop_batch` without augmentation, exactly as training cuts its crops, so nothing can skew.
 
 Per image the answer is either `ImageFaces` (the faces with their outputs) or `ImageFailure` (a short code
@@ -160,6 +160,16 @@ def predict_regions(model: C3AE, regions, boxes, batch_size: int = 256) -> Outpu
             parts.append(Outputs(*(None if value is None else value.float().cpu().numpy() for value in
                                    (prediction.age.clamp_min(0), prediction.distribution, prediction.p_female()))))
     return Outputs.join(parts)
+
+
+def predict_stored(model: C3AE, data, faces: dict, rows: np.ndarray) -> Outputs:
+    """The model's `Outputs` for the stored faces picked by the mask `rows`: `faces` is `faces.read_faces(data)`
+    of a preprocessing output `data`, whose region JPEGs are decoded and cut as every stage cuts them."""
+    from c3ae_ray.faces import decode_regions
+
+    index = np.flatnonzero(rows)
+    regions = decode_regions([faces["jpeg"][i] for i in index], [faces["path"][i] for i in index], data.crop.region_size)
+    return predict_regions(model, regions, faces["boxes"][index])
 
 
 class AgeModel:

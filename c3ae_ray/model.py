@@ -185,6 +185,34 @@ class C3AE(nn.Module):
         return Prediction(self.w2(F.relu(hidden)).squeeze(1), None, *heads)
 
 
+class Ensemble(nn.Module):
+    """Several C3AEs of one config, trained with different seeds and data orders, answering as one model: the
+    mean of their ages, of their distributions and of their gender probabilities (as log-probabilities, which
+    are logits whose softmax is that mean). Every stage takes it where it takes a C3AE."""
+
+    def __init__(self, cfg: ModelConfig, members: int):
+        super().__init__()
+        check(members >= 2, f"an ensemble needs at least 2 members, got {members}")
+        self.cfg = cfg
+        self.members = nn.ModuleList(C3AE(cfg) for _ in range(members))
+
+    def forward(self, crops: torch.Tensor) -> Prediction:
+        answers = [member(crops) for member in self.members]
+
+        def mean(values: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack([value.float() for value in values]).mean(0)
+
+        def mean_probabilities(logits: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if logits[0] is None else mean([torch.softmax(value.float(), dim=1) for value in logits]).log()
+
+        return Prediction(
+            mean([answer.age for answer in answers]),
+            None if answers[0].distribution is None else mean([answer.distribution for answer in answers]),
+            mean_probabilities([answer.gender for answer in answers]),
+            mean_probabilities([answer.ethnicity for answer in answers]),
+        )
+
+
 def two_point(age, interval: float = 10.0, n_bins: int = 12) -> torch.Tensor:
     """The paper's two-point encoding: 68 -> 0.2 at bin 60 and 0.8 at bin 70.
 
@@ -274,14 +302,16 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def save_model(model: C3AE, path, *, crop_config: dict | None = None, meta: dict | None = None,
+def save_model(model: C3AE | Ensemble, path, *, crop_config: dict | None = None, meta: dict | None = None,
                age_range: dict | None = None) -> int:
     """Write the one model file every stage loads: weights plus plain values. Returns its size in bytes.
 
-    `path` may be a filesystem path or a binary file object; `age_range` is `calibrate.AgeRange` as a dict.
+    `path` may be a filesystem path or a binary file object; `age_range` is `calibrate.AgeRange` as a dict. An
+    ensemble's file says how many members its weights hold.
     """
     payload = {
         "format": MODEL_FORMAT,
+        **({"members": len(model.members)} if isinstance(model, Ensemble) else {}),
         "model_config": asdict(model.cfg),
         "crop_config": dict(crop_config or {}),
         "meta": dict(meta or {}),
@@ -298,7 +328,7 @@ def save_model(model: C3AE, path, *, crop_config: dict | None = None, meta: dict
     return len(data)
 
 
-def load_model(source, name: str | None = None) -> tuple[C3AE, dict]:
+def load_model(source, name: str | None = None) -> tuple[C3AE | Ensemble, dict]:
     """Load a model file written by `save_model` (weights only, no pickled code) -> (model in eval mode, payload).
 
     `source`: a local path, an s3:// or gs:// URI, the file's bytes, or a binary file object (`name` then says
@@ -319,8 +349,15 @@ def load_model(source, name: str | None = None) -> tuple[C3AE, dict]:
         raise UserError(f"{name}: not a C3AE model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(payload, dict) or payload.get("format") != MODEL_FORMAT:
         raise UserError(f"{name}: not a C3AE model file (expected format {MODEL_FORMAT!r})")
-    model = C3AE(build(ModelConfig, payload["model_config"], f"{name}: model"))
-    model.load_state_dict(payload["state_dict"])
+    cfg = build(ModelConfig, payload["model_config"], f"{name}: model")
+    members = payload.get("members")
+    if members is not None and (not isinstance(members, int) or members < 2):
+        raise UserError(f"{name}: an ensemble file needs at least 2 members, it says {members!r}")
+    model = C3AE(cfg) if members is None else Ensemble(cfg, members)
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as exc:
+        raise UserError(f"{name}: the weights do not fit the network the file describes ({str(exc).splitlines()[0]})") from None
     payload["sha256"] = hashlib.sha256(data).hexdigest()
     return model.eval(), payload
 

@@ -108,6 +108,9 @@ def plan(config: dict) -> Plan:
         if {"data", "out", "init_from", "overwrite"} & set(values):
             raise UserError(f"{name}: train: may not set data, out, init_from or overwrite (the pipeline does)")
         cfg = build(train.TrainConfig, {**values, "data": data, "out": out, "init_from": init_from}, f"{name}: train")
+        if name == "pretrain" and cfg.members > 1 and (sections["finetune"] or sections["evaluate"]):
+            raise UserError("pretrain: train: members: the later steps fine-tune from the pretrained model, which an "
+                            "ensemble cannot be; give members to finetune instead")
         steps.append(Step(name, out, lambda: train.train(cfg), _train_line))
         return f"{out}/model.pt"
 
@@ -143,6 +146,9 @@ def _absolute(location: str) -> str:
 
 
 def _train_line(summary: dict) -> str:
+    if summary.get("members"):
+        return (f"val MAE {summary['val_mae']:.2f} (an ensemble of {len(summary['members'])}; its members alone "
+                f"{summary['member_val_mae']:.2f} on average), {summary['data']['train']['faces']} training faces")
     return f"val MAE {summary['val_mae']:.2f} (epoch {summary['best_epoch']} of {summary['epochs']}), {summary['data']['train']['faces']} training faces"
 
 

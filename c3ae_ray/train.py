@@ -17,6 +17,10 @@ RUN_DIR (a local path or s3://...):
     model.pt               the best epoch's weights (by validation MAE) with their configs and metrics
     summary.json           written last: the run is complete
 
+With `members` N > 1 (an ensemble) RUN_DIR holds member_1 ... member_N, each such a run folder (seeds seed to
+seed + N - 1), and beside them config.json, model.pt (all members in one file, averaged as one model) and
+summary.json (each member's validation MAE and the ensemble's).
+
 Rerunning the same command on an unfinished RUN_DIR resumes from its latest checkpoint (Train V2 finds the
 run by its name and storage path); a failed worker is restarted from it too (FailureConfig).
 """
@@ -38,9 +42,11 @@ from c3ae_ray import __version__, calibrate, plots, storage
 from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import UserError, build, check, to_dict
 from c3ae_ray.crops import N_SCALES, CropConfig
-from c3ae_ray.faces import FaceData, decode_faces, open_faces
+from c3ae_ray.faces import FaceData, decode_faces, open_faces, read_faces
+from c3ae_ray.inference import predict_stored
 from c3ae_ray.loop import LR_SCHEDULES, batches_of, build_training, step_schedule, train_epoch, unwrap, validate
-from c3ae_ray.model import HEADS, C3AE, ModelConfig, load_model, save_model
+from c3ae_ray.metrics import age_metrics, gender_metrics
+from c3ae_ray.model import HEADS, C3AE, Ensemble, ModelConfig, load_model, save_model
 from c3ae_ray.runtime import cluster_shape, cpus_per_worker, ray_runtime
 
 logger = logging.getLogger(__name__)
@@ -75,6 +81,9 @@ class TrainConfig:
     lr_patience: int = 3  # plateau only
     init_from: str | None = None  # a model.pt to fine-tune (its switches and bins are kept; fresh optimiser)
     seed: int = 0
+    # An ensemble of this many models in one model file: members differ by seed (initial weights, data order and
+    # augmentation), not by split; each trains as its own run in RUN_DIR/member_K, one after another.
+    members: int = 1
     bf16: bool = True  # bfloat16 autocast for training steps where the hardware supports it (validation stays fp32)
     max_failures: int = 3  # worker failures survived by restarting from the latest checkpoint
     # "memory": each worker decodes its share of the faces once and keeps it for every epoch; "stream": decode
@@ -86,7 +95,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check(self.val_data is not None or 0 < self.val_fraction < 1, f"val_fraction must be between 0 and 1, got {self.val_fraction}")
-        for name in ("epochs", "workers", "batch_size"):
+        for name in ("epochs", "workers", "batch_size", "members"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         check(self.learning_rate > 0, f"lr must be positive, got {self.learning_rate}")
         check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
@@ -265,6 +274,9 @@ def initial_weights(cfg: TrainConfig, crop: CropConfig) -> tuple[TrainConfig, di
     if not cfg.init_from:
         return cfg, None, None
     model, payload = load_model(cfg.init_from)
+    if isinstance(model, Ensemble):
+        raise UserError(f"{cfg.init_from} is an ensemble of {len(model.members)} models: fine-tune from one of them "
+                        "(its run's member_K/model.pt)")
     source_crop = payload.get("crop_config") or {}
     if source_crop and tuple(source_crop.get("scales", ())) != tuple(crop.scales):
         raise UserError(f"{cfg.init_from} was trained on crops at scales {source_crop['scales']}, the data has {list(crop.scales)}")
@@ -322,6 +334,8 @@ def train(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    if cfg.members > 1:
+        return train_ensemble(cfg)
     started = time.perf_counter()
     data = open_faces(cfg.data)
     cfg, init_state, init_provenance = initial_weights(cfg, data.crop)
@@ -366,6 +380,81 @@ def train(cfg: TrainConfig) -> dict:
     with result.checkpoint.as_directory() as folder:
         state = torch.load(os.path.join(folder, STATE_FILE), map_location="cpu", weights_only=True)
     return _write_outputs(cfg, filesystem, out, state, data, sources["val"], data_summary, init_provenance, started)
+
+
+def member_config(cfg: TrainConfig, k: int) -> TrainConfig:
+    """Member k (from 1) of an ensemble run: seed + k - 1 and its own run folder; the split is every member's
+    (a hash of the faces' keys, not of the seed), so one validation set measures them all."""
+    return replace(cfg, members=1, seed=cfg.seed + k - 1, out=f"{cfg.out.rstrip('/')}/member_{k}", overwrite=False)
+
+
+def train_ensemble(cfg: TrainConfig) -> dict:
+    """Train the members one after another (each resumes like any run; a finished one is kept), then write one
+    model file holding them all, measured and calibrated as one model on the validation faces.
+
+    One after another, each with all of `--workers`, rather than side by side: a member's run is already
+    data-parallel over the cluster, and its data actors need CPUs of their own that side-by-side runs would
+    take from each other."""
+    started = time.perf_counter()
+    data = open_faces(cfg.data)
+    if cfg.init_from:
+        raise UserError("an ensemble trains its members from scratch: --init-from does not apply with --members")
+    sources, data_summary = _splits(cfg, data)
+    filesystem, out = storage.resolve(cfg.out)
+    storage.prepare_run_dir(filesystem, out, cfg.out, to_dict(cfg), cfg.overwrite, RESUMABLE_CHANGES, "training run")
+    summaries = []
+    with ray_runtime():
+        for k in range(1, cfg.members + 1):
+            member = member_config(cfg, k)
+            member_fs, member_path = storage.resolve(member.out)
+            if storage.exists(member_fs, f"{member_path}/{storage.SUMMARY}"):
+                summaries.append(storage.read_json(member_fs, f"{member_path}/{storage.SUMMARY}"))
+                print(f"member {k}/{cfg.members}: finished before (val MAE {summaries[-1]['val_mae']:.2f})", flush=True)
+                continue
+            print(f"member {k}/{cfg.members} (seed {member.seed}):", flush=True)
+            summaries.append(train(member))
+            print(f"member {k}/{cfg.members}: val MAE {summaries[-1]['val_mae']:.2f}", flush=True)
+    members = [load_model(f"{member_config(cfg, k).out}/model.pt")[0] for k in range(1, cfg.members + 1)]
+    ensemble = Ensemble(members[0].cfg, cfg.members).eval()
+    for slot, member in zip(ensemble.members, members):
+        slot.load_state_dict(member.state_dict())
+    measured = measure_on_validation(ensemble, sources["val"], cfg.val_fraction)
+    print(f"ensemble of {cfg.members}: val MAE {measured['val_mae']:.2f} (members {_maes(summaries)})", flush=True)
+    ranged = calibrated_range(ensemble, sources["val"], cfg.val_fraction)
+    described = [{"seed": member_config(cfg, k).seed, "out": summary["out"], "best_epoch": summary["best_epoch"],
+                  "val_mae": summary["val_mae"]} for k, summary in enumerate(summaries, start=1)]
+    buffer = io.BytesIO()
+    meta = {"data": data_summary, "best_epoch": [m["best_epoch"] for m in described], **measured, "members": described,
+            "train_config": to_dict(cfg), "c3ae_ray_version": __version__}
+    model_bytes = save_model(ensemble, buffer, crop_config=to_dict(data.crop), meta=meta,
+                             age_range=None if ranged is None else asdict(ranged["age_range"]))
+    with filesystem.open_output_stream(f"{out}/model.pt") as stream:
+        stream.write(buffer.getvalue())
+    summary = {
+        "out": cfg.out, "members": described, "epochs": max(s["epochs"] for s in summaries), "best_epoch": meta["best_epoch"],
+        **measured, "member_val_mae": round(float(np.mean([s["val_mae"] for s in summaries])), 4),
+        "attempts": max(s["attempts"] for s in summaries), "final_train_loss": None,
+        "mean_samples_per_s": round(float(np.mean([s["mean_samples_per_s"] for s in summaries])), 1),
+        "model_bytes": model_bytes, "data": data_summary, "workers": cfg.workers, "gpu": cfg.gpu,
+        "age_range": None if ranged is None else calibrate.summary_of(ranged),
+        "elapsed_s": round(time.perf_counter() - started, 1), "config": to_dict(cfg), "c3ae_ray_version": __version__,
+    }
+    storage.write_json(filesystem, f"{out}/{storage.SUMMARY}", summary)
+    return summary
+
+
+def measure_on_validation(model, val: tuple[FaceData, str | None], val_fraction: float) -> dict:
+    """val_* metrics (MAE, CA(n), gender accuracy with a gender head) of a finished model on the validation faces,
+    cut and predicted as every stage does; for a single model they match its run's own validation."""
+    faces_data, split = val
+    faces = read_faces(faces_data)
+    rows = faces_data.held_out(val_fraction) if split else np.ones(len(faces_data.keys), dtype=bool)
+    outputs = predict_stored(model, faces_data, faces, rows)
+    measured = age_metrics(outputs.age, faces["age"][rows])
+    if outputs.p_female is not None:
+        measured.update(gender_metrics(outputs.p_female, np.asarray(faces["gender"], dtype=object)[rows]))
+    return {f"val_{name}": round(value, 4) if isinstance(value, float) else value for name, value in measured.items()
+            if name in ("mae", "ca3", "ca5", "ca7", "gender_acc")}
 
 
 def calibrated_range(model: C3AE, val: tuple[FaceData, str | None], val_fraction: float) -> dict | None:
@@ -419,12 +508,18 @@ def _write_outputs(cfg: TrainConfig, filesystem, out: str, state: dict, data: Fa
     return summary
 
 
+def _maes(summaries: list[dict]) -> str:
+    return ", ".join(f"{summary['val_mae']:.2f}" for summary in summaries)
+
+
 def format_summary(summary: dict) -> str:
     data = summary["data"]
+    members = summary.get("members")
     return "\n".join([
         f"trained {summary['out']}: {summary['epochs']} epochs ({summary['attempts']} attempt(s)), "
         f"{data['train']['faces']} training / {data['val']['faces']} validation faces",
-        f"  best epoch {summary['best_epoch']}: val MAE {summary['val_mae']:.2f}, CA(3) {summary['val_ca3']:.3f}, "
+        *([f"  {len(members)} members, val MAE {_maes(members)} (mean {summary['member_val_mae']:.2f})"] if members else []),
+        f"  {'the ensemble' if members else 'best epoch ' + str(summary['best_epoch'])}: val MAE {summary['val_mae']:.2f}, CA(3) {summary['val_ca3']:.3f}, "
         f"CA(5) {summary['val_ca5']:.3f}, CA(7) {summary['val_ca7']:.3f}"
         + (f", gender accuracy {summary['val_gender_acc']:.3f}" if "val_gender_acc" in summary else ""),
         f"  {summary['mean_samples_per_s']} samples/s on {summary['workers']} {'GPU' if summary['gpu'] else 'CPU'} "

@@ -122,6 +122,24 @@ def s3_server():
 
 
 @pytest.fixture(scope="session")
+def ensemble_file(tmp_path_factory) -> Path:
+    """An untrained ensemble of 3 full C3AEs (seed 0) with gender and ethnicity heads and an age range, in one
+    model file: what every consumer must take where it takes one model."""
+    import torch
+
+    from c3ae_ray.calibrate import AgeRange
+    from c3ae_ray.config import to_dict
+    from c3ae_ray.crops import CropConfig
+    from c3ae_ray.model import Ensemble, ModelConfig, save_model
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "ensemble3.pt"
+    save_model(Ensemble(ModelConfig(gender_head=True, ethnicity_head=True), 3).eval(), path, crop_config=to_dict(CropConfig()),
+               meta={"epochs": 0}, age_range=to_dict(AgeRange(coverage=0.8, below=(1.2,), above=(1.4,), faces=100)))
+    return path
+
+
+@pytest.fixture(scope="session")
 def model_file(tmp_path_factory) -> Path:
     """An untrained full C3AE (seed 0) with the gender and ethnicity heads, in the model-file format: enough for
     scoring and serving mechanics, where what is checked is that each face gets the model's own outputs

@@ -1,5 +1,6 @@
 """`c3ae predict` as a user types it, with the bundled model: one line per face with its age range, per-file
-errors, JSON, annotated copies, and exit 1 only when nothing could be read; with a gender head its gender too."""
+errors, JSON, annotated copies, and exit 1 only when nothing could be read; with a gender head its gender too; an
+ensemble file like any other."""
 
 from __future__ import annotations
 
@@ -68,6 +69,16 @@ def test_a_model_with_a_gender_head_answers_gender_in_text_and_json(shared_data,
     model.save_model(model.C3AE(), tmp_path / "age-only.pt")  # a model without the head answers null
     [age_only] = json.loads(predict(photo, "--model", tmp_path / "age-only.pt", "--json").stdout)
     assert age_only["faces"][0]["gender"] is None and age_only["faces"][0]["p_female"] is None
+
+
+def test_an_ensemble_model_file_answers_like_one_model(shared_data, ensemble_file):
+    photo = shared_data / "faces" / "ivan.jpg"
+    result = predict(photo, "--model", ensemble_file, "--json")
+    assert result.returncode == 0, result.stderr
+    [answer] = json.loads(result.stdout)
+    [face] = answer["faces"]  # three untrained members' mean: any age, with its range and a gender
+    assert face["age_low"] < face["age"] < face["age_high"] and answer["age_range_coverage"] == 0.8
+    assert face["gender"] == ("female" if face["p_female"] >= 0.5 else "male") and "ethnicity" not in face
 
 
 def test_a_video_gives_one_result_per_sampled_frame_with_its_time(shared_data, tmp_path):

@@ -16,12 +16,13 @@ def score(*args, timeout=300):
     return subprocess.run([C3AE, "score", *map(str, args)], capture_output=True, text=True, timeout=timeout)
 
 
-def test_file_list_end_to_end(shared_data, model_file, tmp_path):
+def test_file_list_end_to_end(shared_data, ensemble_file, tmp_path):
+    """With an ensemble file (one model file of three members; single models score in the integration tests)."""
     faces = shared_data / "faces"
     listing = tmp_path / "images.txt"
     listing.write_text(f"{faces / 'multiface.jpg'}\n{faces / 'no-faces.jpg'}\n# a comment\n{tmp_path / 'gone.jpg'}\n")
     out = tmp_path / "scores"
-    result = score("--input", listing, "--out", out, "--model", model_file, "--actors", "1", "--max-faces", "4")
+    result = score("--input", listing, "--out", out, "--model", ensemble_file, "--actors", "1", "--max-faces", "4")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "scored 3 images" in result.stdout
     assert "faces 4 in 1 images, no_face 1, errors 1" in result.stdout
@@ -30,6 +31,7 @@ def test_file_list_end_to_end(shared_data, model_file, tmp_path):
     assert summary["config"]["max_faces"] == 4 and summary["model"]["sha256"]
     rows = pq.read_table(out / "predictions").to_pylist()
     assert sorted(r["n_faces"] for r in rows if r["status"] == "face") == [6, 6, 6, 6]
+    assert all(r["age_low"] < r["age"] < r["age_high"] and r["gender"] for r in rows if r["status"] == "face")
 
 
 def test_bad_arguments_fail_fast_with_a_message(model_file, tmp_path):

@@ -80,12 +80,13 @@ def port_is_free(port: int) -> bool:
             return False
 
 
-def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, model_file):
-    """Also the calm terminal: after the ready banner, 50 requests print a traffic line per interval, not Serve's
-    lines per request (three each at INFO, which --log-level INFO brings back)."""
+def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, ensemble_file):
+    """With an ensemble file (the bundled single model serves in the other tests). Also the calm terminal: after
+    the ready banner, 50 requests print a traffic line per interval, not Serve's lines per request (three each at
+    INFO, which --log-level INFO brings back)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    process, lines = start([str(BIN / "c3ae"), "serve", "--model", str(model_file), "--port", str(port), "--device", "cpu",
+    process, lines = start([str(BIN / "c3ae"), "serve", "--model", str(ensemble_file), "--port", str(port), "--device", "cpu",
                             "--stats-interval", "2"])
     photo = (shared_data / "faces" / "ivan.jpg").read_bytes()
     try:
@@ -105,8 +106,9 @@ def test_c3ae_serve_answers_and_stops_cleanly_on_ctrl_c(shared_data, model_file)
         assert any("50 since the start (0 failed)" in line for line in printed), "".join(printed)
         others = [line for line in printed if not line.startswith("c3ae serve: ")]
         assert len(others) <= 3 and len(printed) <= 20, "".join(printed)  # a stray Ray warning at most; not 150 lines
-        [face] = answer.json()["faces"]  # this model has a gender head (and an ethnicity one, never shown)
+        [face] = answer.json()["faces"]  # its members have a gender head (and an ethnicity one, never shown)
         assert face["gender"] in ("female", "male") and 0 < face["p_female"] < 1 and "ethnicity" not in face
+        assert face["age_low"] < face["age"] < face["age_high"] and answer.json()["model"]["name"] == "ensemble3"
         documented = requests.get(f"{url}/openapi.json", timeout=30).json()["paths"]["/v1/age"]["post"]["responses"]["200"]
         example = documented["content"]["application/json"]["example"]["faces"][0]
         assert {"age", "age_low", "age_high", "gender", "p_female"} <= set(example)

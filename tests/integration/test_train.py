@@ -1,7 +1,7 @@
 """`train` on the session's local Ray: a complete run folder (faces held in memory), two streaming workers
-onto S3, a killed worker that resumes from its latest checkpoint, fine-tuning from a model file, gender and
-ethnicity heads with the card's fairness tables, the age range calibrated at the end of a run, and preprocess ->
-pretrain -> fine-tune on the real wiki.mat."""
+onto S3, a killed worker that resumes from its latest checkpoint, fine-tuning from a model file, an ensemble
+of members with gender and ethnicity heads and its card's fairness tables, the age range calibrated at the
+end of a run, and preprocess -> pretrain -> fine-tune on the real wiki.mat."""
 
 from __future__ import annotations
 
@@ -12,14 +12,17 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import torch
 
 from c3ae_ray import storage
-from c3ae_ray.model import MODEL_FORMAT, load_model
-from c3ae_ray.config import build
+from c3ae_ray.model import MODEL_FORMAT, Ensemble, load_model
+from c3ae_ray.config import UserError, build
+from c3ae_ray.faces import open_faces, read_faces
+from c3ae_ray.inference import predict_stored
 from c3ae_ray.card import write_card
 from c3ae_ray.datasets import read_dataset
 from c3ae_ray.preprocess import PreprocessConfig, preprocess
@@ -141,22 +144,67 @@ def test_fine_tuning_starts_from_the_given_model(one_worker_run, face_parquet, t
     assert 0 < drift < 5e-3
 
 
-def test_a_run_with_gender_and_ethnicity_heads_reports_gender_accuracy_and_its_card_the_fairness_tables(face_parquet, tmp_path):
-    out = tmp_path / "heads"
-    # half the faces held out, so that the card's groups have faces each
-    summary = run(face_parquet, out, epochs=1, val_fraction=0.5, model={"gender_head": True, "ethnicity_head": True})
-    history = storage.read_json(*storage.resolve(str(out / "metrics.json")))
+def test_an_ensemble_with_gender_and_ethnicity_heads_trains_its_members_by_seed_into_one_file_and_card(face_parquet, tmp_path, capsys):
+    """Also the heads: each member reports its gender accuracy and both heads' losses, and the ensemble's card has
+    the fairness tables."""
+    out = tmp_path / "ensemble"
+    # half the faces held out: the average over members is then measured on ~20 faces, not 4, and the card's
+    # groups have faces each
+    flags = dict(epochs=2, seed=1, members=2, val_fraction=0.5, model={"gender_head": True, "ethnicity_head": True})
+    summary = run(face_parquet, out, **flags)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "member_1", "member_2", "model.pt", "summary.json"]
+    member_files = [out / f"member_{k}" / "model.pt" for k in (1, 2)]
+    members = [load_model(path) for path in member_files]
+    assert [payload["meta"]["train_config"]["seed"] for _, payload in members] == [1, 2]
+    assert [m["val_mae"] for m in summary["members"]] == [payload["meta"]["val_mae"] for _, payload in members]
+    history = storage.read_json(*storage.resolve(str(out / "member_1" / "metrics.json")))
     assert 0 <= history[0]["val_gender_acc"] <= 1 and history[0]["train_gender"] > 0 and history[0]["train_ethnicity"] > 0
-    assert summary["val_gender_acc"] == pytest.approx(history[0]["val_gender_acc"], abs=1e-4)
-    model, _ = load_model(out / "model.pt")
-    assert model.cfg.gender_head and model.cfg.ethnicity_head
+    best = next(record for record in history if record["epoch"] == summary["members"][0]["best_epoch"])
+    assert members[0][1]["meta"]["val_gender_acc"] == pytest.approx(best["val_gender_acc"], abs=1e-4)
+
+    ensemble, payload = load_model(out / "model.pt")
+    assert isinstance(ensemble, Ensemble) and payload["members"] == 2 and payload["meta"]["val_mae"] == summary["val_mae"]
+    for slot, (member, _) in zip(ensemble.members, members):
+        assert all(torch.equal(a, b) for a, b in zip(slot.state_dict().values(), member.state_dict().values()))
+    assert not torch.equal(members[0][0].w1.weight, members[1][0].w1.weight)  # another seed, another model
+
+    data = open_faces(str(face_parquet))
+    faces, held_out = read_faces(data), data.held_out(0.5)
+    each = [predict_stored(member, data, faces, held_out) for member, _ in members]
+    true = faces["age"][held_out]
+    # the stored-region path measures a member as its run's own validation did, and the file averages the members
+    for outputs, (_, member_payload) in zip(each, members):
+        assert np.abs(outputs.age - true).mean() == pytest.approx(member_payload["meta"]["val_mae"], abs=1e-3)
+    averaged = np.mean([outputs.age for outputs in each], axis=0)
+    assert summary["val_mae"] == pytest.approx(np.abs(averaged - true).mean(), abs=1e-3)
+    genders = np.asarray(faces["gender"], dtype=object)[held_out]
+    known = genders != None  # noqa: E711 (an object array)
+    p_female = np.mean([outputs.p_female for outputs in each], axis=0)
+    assert summary["val_gender_acc"] == pytest.approx(((p_female[known] >= 0.5) == (genders[known] == "female")).mean(), abs=1e-3)
+    assert "ensemble of 2: val MAE" in capsys.readouterr().out
     measured = write_card(str(out / "model.pt"), str(tmp_path / "card"))
     card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
-    assert measured["gender_head"] and 0 <= measured["gender_acc"] <= 1 and measured["gender_faces"] <= measured["faces"]
+    assert measured["mae"] == pytest.approx(summary["val_mae"], abs=1e-3) and "An ensemble of 2 such models" in card
+    assert f"each member's best epoch kept ({', '.join(str(m['best_epoch']) for m in summary['members'])})" in card
+    assert measured["gender_head"] and measured["gender_acc"] == pytest.approx(summary["val_gender_acc"], abs=1e-3)
     assert f"gender accuracy ({measured['gender_faces']:,} faces with a known gender) | **{measured['gender_acc']:.3f}**" in card
     assert "| ethnicity (the dataset's label) | faces | MAE | CA(5) | gender accuracy |" in card
     assert sum(row["faces"] for row in measured["by_ethnicity"]) == measured["faces"]
     assert "| gender (the dataset's label) |" in card and "| source folder |" in card  # fixture: root and part2/
+
+    with pytest.raises(storage.OutputExistsError):
+        run(face_parquet, out, **flags)
+    # the ensemble's own outputs lost (a run stopped after its members): the rerun keeps both members
+    written = [path.stat().st_mtime_ns for path in member_files]
+    (out / "summary.json").unlink()
+    (out / "model.pt").unlink()
+    again = run(face_parquet, out, **flags)
+    assert "member 1/2: finished before" in capsys.readouterr().out
+    assert [path.stat().st_mtime_ns for path in member_files] == written and again["val_mae"] == summary["val_mae"]
+    with pytest.raises(UserError, match="--init-from does not apply"):
+        run(face_parquet, tmp_path / "tuned", members=2, init_from=str(member_files[0]))
+    with pytest.raises(UserError, match="is an ensemble of 2 models: fine-tune from one of them"):
+        run(face_parquet, tmp_path / "tuned", init_from=str(out / "model.pt"))
 
 
 def test_preprocess_pretrain_and_fine_tune_on_the_real_wiki_metadata(ray_session, shared_data, face_parquet, tmp_path):

@@ -1,5 +1,6 @@
 """Exports run as their users run them (onnxruntime, torch.jit.load) and agree with PyTorch within 1e-4 years,
-for any batch size; a model with a gender head exports p_female too, never its ethnicity head."""
+for any batch size; a model with a gender head exports p_female too, never its ethnicity head; an ensemble exports
+as one graph."""
 
 from __future__ import annotations
 
@@ -14,15 +15,15 @@ from c3ae_ray.model import BUNDLED_MODEL, C3AE, load_model, save_model
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
-@pytest.mark.parametrize("which", ["bundled", "age-only"])
-def test_exports_match_pytorch_within_1e4_years(fmt, which, tmp_path):
-    source = BUNDLED_MODEL if which == "bundled" else tmp_path / "age-only.pt"
+@pytest.mark.parametrize("which", ["bundled", "age-only", "ensemble"])
+def test_exports_match_pytorch_within_1e4_years(fmt, which, ensemble_file, tmp_path):
+    source = {"bundled": BUNDLED_MODEL, "age-only": tmp_path / "age-only.pt", "ensemble": ensemble_file}[which]
     if which == "age-only":
         save_model(C3AE(), source)
     out = str(tmp_path / f"model.{fmt}")
     summary = export_model(source, fmt, out)
-    # the bundled model has an age range and a gender head
-    outputs = ["age", "distribution"] + ["age_low", "age_high", "p_female"] * (which == "bundled")
+    # the bundled model and the ensemble (3 members in one graph) have an age range and a gender head
+    outputs = ["age", "distribution"] + ["age_low", "age_high", "p_female"] * (which != "age-only")
     assert summary["outputs"] == outputs
     assert summary["max_age_difference"] <= 1e-4 and Path(out).stat().st_size == summary["bytes"] > 10_000
     model, _ = load_model(source)
@@ -37,7 +38,7 @@ def test_exports_match_pytorch_within_1e4_years(fmt, which, tmp_path):
         assert np.abs(exported["age"] - expected.age.numpy()).max() <= 2e-4
         assert np.abs(exported["distribution"] - expected.distribution.numpy()).max() <= 1e-5
         assert np.allclose(exported["distribution"].sum(axis=1), 1, atol=1e-5)
-        if which == "bundled":
+        if which != "age-only":
             p_female = exported["p_female"]
             assert p_female.shape == (n,) and ((0 <= p_female) & (p_female <= 1)).all()
             assert np.abs(p_female - expected.p_female().numpy()).max() <= 1e-5

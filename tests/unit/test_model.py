@@ -9,6 +9,7 @@ from c3ae_ray.model import (
     BUNDLED_MODEL,
     VARIANTS,
     C3AE,
+    Ensemble,
     ModelConfig,
     UNKNOWN,
     Prediction,
@@ -241,3 +242,36 @@ def test_load_model_refuses_other_files(tmp_path):
     torch.save(payload, tampered)
     with pytest.raises(ValueError, match="unknown .*model setting.*n_layers; allowed: context"):
         load_model(tampered)
+
+
+def test_an_ensemble_answers_the_mean_of_its_members():
+    torch.manual_seed(0)
+    ensemble = Ensemble(ModelConfig(gender_head=True, ethnicity_head=True, mirror_average=True), 3).eval()
+    crops = torch.randint(0, 256, (4, 3, 3, 64, 64)).float()
+    with torch.no_grad():
+        answer, each = ensemble(crops), [member(crops) for member in ensemble.members]
+    torch.testing.assert_close(answer.age, torch.stack([a.age for a in each]).mean(0))
+    torch.testing.assert_close(answer.distribution, torch.stack([a.distribution for a in each]).mean(0))
+    torch.testing.assert_close(answer.p_female(), torch.stack([a.p_female() for a in each]).mean(0))
+    assert not torch.allclose(each[0].age, each[1].age)  # the members differ (their own initial weights)
+    with pytest.raises(ValueError, match="at least 2 members"):
+        Ensemble(ModelConfig(), 1)
+
+
+def test_an_ensemble_file_round_trip_and_its_refusals(tmp_path):
+    ensemble = Ensemble(ModelConfig(gender_head=True), 3).eval()
+    path = tmp_path / "ensemble.pt"
+    size = save_model(ensemble, path, meta={"members": "three"})
+    single = save_model(ensemble.members[0], io.BytesIO())
+    assert 2.5 * single < size < 3.5 * single
+    loaded, payload = load_model(path)
+    assert isinstance(loaded, Ensemble) and len(loaded.members) == 3 and payload["members"] == 3
+    crops = torch.randint(0, 256, (2, 3, 3, 64, 64)).float()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(crops).age, ensemble(crops).age)
+    for members, message in ((1, "at least 2 members"), ("3", "at least 2 members"), (4, "do not fit")):
+        tampered = torch.load(path, weights_only=True)
+        tampered["members"] = members
+        torch.save(tampered, tmp_path / "tampered.pt")
+        with pytest.raises(ValueError, match=message):
+            load_model(tmp_path / "tampered.pt")

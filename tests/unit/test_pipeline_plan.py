@@ -56,6 +56,7 @@ def test_local_outs_become_absolute(tmp_path, monkeypatch):
         ({"finetune": {"data": DATA["fgnet"]}, "evaluate": {"data": DATA["fgnet"], "init_from": "finetune"}}, "trained on"),
         ({"pretrain": {"data": DATA["wiki"]}, "evaluate": {"data": DATA["fgnet"], "init_from": "finetune"}}, "init_from must be"),
         ({"pretrain": {"data": DATA["wiki"]}, "evaluate": {"data": DATA["fgnet"], "evaluate": {"protocol": "ablation"}}}, "protocol"),
+        ({"pretrain": {"data": DATA["wiki"], "train": {"members": 3}}, "finetune": {"data": DATA["utk"]}}, "give members to finetune"),
         ({"pretrain": "wiki"}, "expected a mapping"),
         ({"pretrain": {"data": {**DATA["wiki"], "crop": {"size": 96}}}}, "crop size is fixed at 64"),
     ],
