@@ -9,9 +9,11 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
+import hashlib
 import json
 import logging
 import os
+import re
 from collections import deque
 from dataclasses import dataclass, field
 from importlib import resources
@@ -132,8 +134,13 @@ def failure_status(code: str) -> int:
     return {"too_large": 413, "inference_error": 500}.get(code, 400)
 
 
+NO_STORE = {"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}  # every JSON answer's (`_security_headers`)
+
+
 def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    """The error envelope; it carries the JSON answers' headers itself, since the last-resort handler of an
+    unexpected error answers outside the middleware that adds them."""
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers={**NO_STORE, **(headers or {})})
 
 
 # FastAPIOffline: FastAPI whose /docs (Swagger UI) and /redoc load their scripts from the package, so the API
@@ -168,9 +175,37 @@ async def _unexpected(request: Request, error: Exception):
     return error_response(500, "internal", "internal error; see the server log")
 
 
+@api.middleware("http")
+async def _security_headers(request: Request, call_next):
+    """Every answer: no content-type sniffing; every JSON answer (results, errors, health, stats): never cached,
+    since each describes one photo or one moment. The page brings its own policy (`page_headers`)."""
+    response = await call_next(request)
+    response.headers.setdefault("X-Content-Type-Options", "nosniff")
+    if response.headers.get("content-type", "").startswith("application/json"):
+        response.headers.setdefault("Cache-Control", NO_STORE["Cache-Control"])
+    return response
+
+
 @functools.cache
 def web_page() -> str:
     return resources.files("c3ae_ray").joinpath("web/index.html").read_text()
+
+
+@functools.cache
+def page_headers() -> dict[str, str]:
+    """The page's Content-Security-Policy: nothing may load or run but its own inline script and style (allowed by
+    their hashes, taken from the page itself), the photo the user picked (a blob: URL), and requests back to
+    this server; no framing, no forms posted elsewhere."""
+
+    def hashes(tag: str) -> str:
+        bodies = re.findall(rf"<{tag}>(.*?)</{tag}>", web_page(), flags=re.S)
+        return " ".join(f"'sha256-{base64.b64encode(hashlib.sha256(body.encode()).digest()).decode()}'" for body in bodies)
+
+    policy = [
+        "default-src 'none'", f"script-src {hashes('script')}", f"style-src {hashes('style')}", "img-src 'self' blob:",
+        "connect-src 'self'", "base-uri 'none'", "form-action 'none'", "frame-ancestors 'none'",
+    ]
+    return {"Content-Security-Policy": "; ".join(policy), "Referrer-Policy": "no-referrer", "X-Frame-Options": "DENY"}
 
 
 async def read_body(request: Request, cap: int) -> bytes:

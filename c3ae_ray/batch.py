@@ -157,7 +157,7 @@ def progress_lines(name: str, total: int, tally, interval_s: float):
         while not stop.wait(interval_s):
             try:
                 done = ray.get(tally.read.remote(), timeout=5.0)
-            except Exception:  # a busy or restarting cluster: skip this line, not the run
+            except Exception:  # nosec B112: a busy or restarting cluster skips one progress line, never the run
                 continue
             print(progress_line(name, done, total, time.perf_counter() - started), flush=True)
 

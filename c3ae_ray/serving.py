@@ -36,7 +36,7 @@ from ray import serve
 from c3ae_ray import storage
 from c3ae_ray.api import (
     AGE_EXAMPLE, API_KEY_ENV, ApiError, Limits, RequestLog, ServeConfig, api, error_response, face_json, failure_status,
-    image_from_request, parse_max_faces, read_body, traffic_line, web_page,
+    image_from_request, page_headers, parse_max_faces, read_body, traffic_line, web_page,
 )
 from c3ae_ray.config import UserError, build, resolve_device, to_dict
 from c3ae_ray.crops import CropConfig, cut_region
@@ -158,7 +158,7 @@ class AgeAPI:
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
-        return HTMLResponse(web_page())
+        return HTMLResponse(web_page(), headers=page_headers())
 
     @api.post(
         "/v1/age",

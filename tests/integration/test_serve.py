@@ -218,6 +218,21 @@ def test_the_page_and_the_openapi_description_are_served(served):
     assert requests.get(f"{url}/docs", timeout=30).status_code == 200
 
 
+def test_the_page_sends_a_strict_content_policy_and_api_answers_are_never_cached(served, shared_data):
+    url, _ = served
+    page = requests.get(f"{url}/", timeout=30)
+    policy = dict(part.strip().split(" ", 1) for part in page.headers["content-security-policy"].split(";"))
+    assert policy["default-src"] == "'none'" and policy["connect-src"] == "'self'" and policy["frame-ancestors"] == "'none'"
+    assert policy["script-src"].startswith("'sha256-") and "unsafe" not in page.headers["content-security-policy"]
+    assert page.headers["x-content-type-options"] == "nosniff" and page.headers["x-frame-options"] == "DENY"
+    answers = [post_image(url, (shared_data / "faces" / "ivan.jpg").read_bytes()), post_image(url, b"not an image"),
+               requests.get(f"{url}/healthz", timeout=30), requests.get(f"{url}/nowhere", timeout=30)]
+    assert [a.status_code for a in answers] == [200, 400, 200, 404]  # a result, an error envelope, health, no route
+    for answer in answers:
+        assert answer.headers["cache-control"] == "no-store" and answer.headers["x-content-type-options"] == "nosniff"
+        assert "content-security-policy" not in answer.headers
+
+
 @contextlib.contextmanager
 def chromium():
     """Debian's headless Chromium under Playwright (no browser download)."""
@@ -262,6 +277,8 @@ def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_dat
         page = browser.new_page(viewport={"width": 1000, "height": 900})
         errors = []
         page.on("pageerror", lambda error: errors.append(str(error)))
+        # the page's policy allows its own script and style by hash: a browser that refused one would say so here
+        page.on("console", lambda message: errors.append(message.text) if "Content Security Policy" in message.text else None)
         page.goto(f"{url}/")
         assert page.title().startswith("c3ae_ray")
         page.set_input_files("#file", str(shared_data / "faces" / "ivan.jpg"))
@@ -281,7 +298,8 @@ def test_uploading_a_photo_shows_one_box_with_a_plausible_age(served, shared_dat
         assert not errors, errors
 
         page.set_input_files("#file", str(shared_data / "faces" / "no-faces.jpg"))
-        page.wait_for_function("document.querySelector('#status').textContent.includes('No face')", timeout=60_000)
+        # a locator, not wait_for_function: the page's policy forbids the eval that a string predicate needs
+        page.locator("#status", has_text="No face").wait_for(timeout=60_000)
         assert page.locator(".box").count() == 0
 
 
