@@ -42,7 +42,14 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 3, 5])
     args = parser.parse_args()
     cfg = build(TrainConfig, storage.read_json(*storage.resolve(f"{args.run}/config.json")))
-    members = [load_model(f"{member_config(cfg, k).out}/model.pt")[0] for k in range(1, cfg.members + 1)]
+    members = []  # the members trained so far, in order (a run still training its later members can be measured)
+    for k in range(1, cfg.members + 1):
+        location = f"{member_config(cfg, k).out}/model.pt"
+        if not storage.exists(*storage.resolve(location)):
+            break
+        members.append(load_model(location)[0])
+    if not members:
+        raise SystemExit(f"{args.run}: no member has finished yet")
     data = open_faces(cfg.val_data or cfg.data)
     faces = read_faces(data)
     rows = np.ones(len(data.keys), dtype=bool) if cfg.val_data else data.held_out(cfg.val_fraction)
@@ -62,7 +69,8 @@ def main() -> None:
         return row
 
     alone = [measure(member) for member in members]
-    print(f"{args.run}: {cfg.members} members of {cfg.epochs} epochs (seeds {cfg.seed} to {cfg.seed + cfg.members - 1}), "
+    print(f"{args.run}: {len(members)} of {cfg.members} members trained, {cfg.epochs} epochs each (seeds {cfg.seed} to "
+          f"{cfg.seed + len(members) - 1}), "
           f"{len(index)} validation faces of {cfg.val_data or cfg.data}; one thread")
     print("members alone, val MAE: " + ", ".join(f"{row['mae']:.3f}" for row in alone)
           + f" (mean {np.mean([row['mae'] for row in alone]):.3f})")

@@ -118,6 +118,16 @@ def _evaluate(args) -> int:
     return 0
 
 
+def _tune(args) -> int:
+    from c3ae_ray.tune import format_report, tune_recipe
+
+    summary = tune_recipe(args.stage.config(args))
+    print(format_report(summary), end="")
+    if summary["best"] is not None:
+        print(f"best recipe: {summary['out']}/best.yaml (c3ae train --config {summary['out']}/best.yaml --out RUN_DIR)")
+    return 0
+
+
 def _score(args) -> int:
     from c3ae_ray.score import format_summary, score
 
@@ -293,6 +303,32 @@ def _add_ablate(commands) -> None:
     _trial_flags(command)
 
 
+def _add_tune(commands) -> None:
+    from c3ae_ray.tune import SCHEDULERS, SEARCHES, TuneConfig
+
+    (
+        _Command(commands, "tune", TuneConfig, _tune, "search the training recipe on Ray Tune (ASHA or HyperBand) -> best.yaml",
+                 "Train one recipe per Ray Tune trial, drawn from --space, report each epoch's validation MAE and stop the "
+                 "weaker trials early; write every trial's settings and result, plots, and the best recipe as a "
+                 f"`c3ae train --config` YAML. Rerunning the same command resumes the search. {RAY_WHERE}")
+        .flag("--data", "data", "a `c3ae preprocess` output folder (path or s3://)")
+        .flag("--out", "out", "search folder: path or s3://; rerunning the same command resumes it")
+        .flag("--space", "space", "YAML: training settings -> {loguniform|uniform|randint: [low, high]} or {choice: [...]}")
+        .flag("--base", "base", "a `c3ae train --config` YAML for the settings the space does not search")
+        .flag("--trials", "trials", type=_positive_int)
+        .flag("--epochs", "epochs", "the most epochs a trial trains", type=_positive_int)
+        .flag("--scheduler", "scheduler", "early stopping on the validation MAE", choices=SCHEDULERS)
+        .flag("--search", "search", "how settings are drawn (optuna: the tune extra)", choices=SEARCHES)
+        .flag("--grace-epochs", "grace_epochs", "asha: epochs before a trial may be stopped", type=_positive_int)
+        .flag("--concurrent", "concurrent", "trials at once; none means as many as the cluster holds", type=_positive_int)
+        .flag("--trial-cpus", "trial_cpus", "CPUs per trial, may be fractional", type=float)
+        .flag("--trial-gpus", "trial_gpus", "GPUs per trial, may be fractional", type=float)
+        .flag("--seed", "seed", "draws the settings and seeds every trial", type=int)
+        .flag("--max-failures", "max_failures", "retries of a failed trial before it is reported failed", type=int)
+        .flag("--overwrite", "overwrite", "discard what --out holds and start over", action="store_true")
+    )
+
+
 def _add_score(commands) -> None:
     from c3ae_ray.score import ScoreConfig
 
@@ -406,7 +442,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"c3ae {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     commands.add_parser("summary", help="print each model variant layer by layer with parameter counts (paper Table 1)").set_defaults(run=_summary)
-    for add in (_add_preprocess, _add_train, _add_evaluate, _add_ablate, _add_score, _add_predict, _add_export, _add_calibrate, _add_pipeline, _add_serve):
+    for add in (_add_preprocess, _add_train, _add_tune, _add_evaluate, _add_ablate, _add_score, _add_predict, _add_export, _add_calibrate, _add_pipeline, _add_serve):
         add(commands)
     return parser
 

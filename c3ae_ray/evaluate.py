@@ -31,14 +31,13 @@ import torch
 from c3ae_ray import __version__, plots, storage
 from c3ae_ray.augment import AugmentConfig
 from c3ae_ray.config import build, check, to_dict
-from c3ae_ray.datasets import ETHNICITIES
-from c3ae_ray.faces import FaceData, class_codes, decode_regions, open_faces, read_faces
+from c3ae_ray.faces import FaceData, open_faces, read_faces
 from c3ae_ray.inference import predict_regions
-from c3ae_ray.loop import batches_of, build_training, step_schedule, train_epoch
+from c3ae_ray.loop import batches_of, build_training, hold_faces, step_schedule, train_epoch
 from c3ae_ray.metrics import age_metrics
-from c3ae_ray.model import GENDERS, count_parameters
+from c3ae_ray.model import count_parameters
 from c3ae_ray.protocols import ABLATIONS, PAPER_ABLATIONS, PROTOCOLS, aggregate, format_report, plan_trials, trial_rows
-from c3ae_ray.runtime import ray_runtime
+from c3ae_ray.runtime import check_trial_resources, ray_runtime
 from c3ae_ray.train import TrainConfig, initial_weights
 
 TRIALS = "trials"  # Tune's experiment name: OUT/trials/
@@ -109,13 +108,7 @@ def run_trial(config: dict, setup: dict) -> None:
     shuffle = torch.Generator().manual_seed(cfg.seed)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
 
-    held = {
-        "region": torch.from_numpy(decode_regions(faces["jpeg"], faces["path"], setup["region_size"])).to(device),
-        "boxes": torch.tensor(faces["boxes"], device=device),  # a copy: arrays from the object store are read-only
-        "age": torch.tensor(faces["age"], device=device),
-        "gender": torch.from_numpy(class_codes(faces["gender"], GENDERS)).to(device),
-        "ethnicity": torch.from_numpy(class_codes(faces["ethnicity"], ETHNICITIES)).to(device),
-    }
+    held = hold_faces(faces, setup["region_size"], device)
     model, optimizer, scheduler = build_training(cfg, setup["init_state"], device)
     train_rows, test_rows = torch.as_tensor(spec["train"]), torch.as_tensor(spec["test"], device=device)
     # Test faces whose person this trial trains on: 0 by construction for lopo and --by-subject, and the
@@ -226,17 +219,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     # Tune saves the experiment state (which trials finished) at most every 10 s by default; trials take
     # seconds to minutes and the state is small, so save it every 2 s: a killed run loses less when resumed.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")
-    with ray_runtime() as ray:
-        cluster = ray.cluster_resources()
-        for name, wanted in (("CPU", cfg.trial_cpus), ("GPU", cfg.trial_gpus)):  # more would wait forever
-            check(wanted <= cluster.get(name, 0), f"--trial-{name.lower()}s {wanted:g}: the cluster has {cluster.get(name, 0):g} {name}s")
+    with ray_runtime():
+        check_trial_resources(cfg.trial_cpus, cfg.trial_gpus)
         resuming = storage.prepare_run_dir(filesystem, out, cfg.out, to_dict(cfg), cfg.overwrite, RESUMABLE_CHANGES, "evaluation")
         print(f"evaluating {cfg.data} ({len(faces['path'])} faces): {cfg.protocol}, {len(plan)} trials of {cfg.epochs} epochs, "
               f"{'fine-tuned from ' + cfg.init_from if cfg.init_from else 'from scratch'}, "
               f"{cfg.trial_cpus:g} CPU{f' and {cfg.trial_gpus:g} GPU' if cfg.trial_gpus else ''} per trial", flush=True)
         trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup), {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus})
         grid = _tuner(cfg, trainable, filesystem, out, resuming, [t["name"] for t in plan], retries).fit()
-        results = {result.config["trial"]: result for result in grid}
+        # by the trial's folder (`_trial_dirname`): a trial killed before it started has no config in its result
+        results = {int(os.path.basename(result.path).removeprefix("trial_")): result for result in grid}
     rows, predictions = trial_rows(plan, faces, results, retries)
     summary = _summarize(cfg, data, len(faces["path"]), rows, predictions, init_provenance, time.perf_counter() - started)
     _write_report(filesystem, out, summary, predictions)

@@ -1,9 +1,9 @@
 """The training loop without Ray: optimiser and schedule from the config, one epoch, one validation pass.
 
-`c3ae train` runs it inside Ray Train workers (sums all-reduced across workers); evaluation runs it inside
-Tune trials. Both feed it from faces decoded once and held in memory (`batches_of`), or `c3ae train` from a
-Ray Data shard streamed every epoch when a worker's share is too large to hold. Both cut their crops with
-`augment.crop_batch` on the batch's device, so the model step is the same wherever it runs.
+`c3ae train` runs it inside Ray Train workers (sums all-reduced across workers); evaluation and `c3ae tune`
+run it inside Tune trials. All feed it from faces decoded once and held in memory (`hold_faces`, `batches_of`),
+or `c3ae train` from a Ray Data shard streamed every epoch when a worker's share is too large to hold. All cut
+their crops with `augment.crop_batch` on the batch's device, so the model step is the same wherever it runs.
 """
 
 from __future__ import annotations
@@ -87,6 +87,22 @@ def batches_of(faces: dict, rows: torch.Tensor, batch_size: int, shuffle: torch.
         rows = rows[torch.randperm(len(rows), generator=shuffle)]
     for chunk in rows.to(faces["age"].device).split(batch_size):
         yield {name: column[chunk] for name, column in faces.items()}
+
+
+def hold_faces(faces: dict, region_size: int, device) -> dict:
+    """A `faces.read_faces` dict decoded once into tensors on `device` ({region, boxes, age, gender, ethnicity}),
+    what `batches_of` draws from: a Tune trial's whole dataset."""
+    from c3ae_ray.datasets import ETHNICITIES
+    from c3ae_ray.faces import class_codes, decode_regions
+    from c3ae_ray.model import GENDERS
+
+    return {
+        "region": torch.from_numpy(decode_regions(faces["jpeg"], faces["path"], region_size)).to(device),
+        "boxes": torch.tensor(faces["boxes"], device=device),  # a copy: arrays from the object store are read-only
+        "age": torch.tensor(faces["age"], device=device),
+        "gender": torch.from_numpy(class_codes(faces["gender"], GENDERS)).to(device),
+        "ethnicity": torch.from_numpy(class_codes(faces["ethnicity"], ETHNICITIES)).to(device),
+    }
 
 
 def all_sum(values: list[float], device) -> list[float]:

@@ -8,6 +8,7 @@ import io
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 
 from c3ae_ray.metrics import CA_YEARS, DECADE, by_decade, decade_label
 
@@ -99,4 +100,45 @@ def error_by_decade(groups: dict[str, tuple[np.ndarray, np.ndarray]]) -> Figure:
     _legend_once(axes, fontsize=8)
     axes.set_xticks(range(len(decades)), [decade_label(d) for d in decades])
     axes.set(xlabel="true age", ylabel="MAE (years)", title="error by age decade")
+    return figure
+
+
+def search_curves(histories: dict[str, tuple[list, list]]) -> Figure:
+    """`c3ae tune`: validation MAE per epoch of every trial; a trial stopped early is a short line."""
+    figure = Figure(figsize=(8, 4.5))
+    axes = figure.subplots()
+    for name, (epochs, maes) in histories.items():
+        if epochs:
+            axes.plot(epochs, maes, "o-", markersize=3, linewidth=1, label=name)
+    axes.set(xlabel="epoch", ylabel="validation MAE (years)", title="validation MAE of every trial")
+    axes.xaxis.get_major_locator().set_params(integer=True)
+    if 0 < len(histories) <= 30:
+        axes.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return figure
+
+
+def search_settings(rows: list[dict], kinds: dict[str, str]) -> Figure:
+    """`c3ae tune`: each searched setting against the trial's best validation MAE, one panel per setting (log axis
+    for a log-uniform one, categories for a choice); finished trials filled, trials stopped early hollow."""
+    figure = Figure(figsize=(4 * min(len(kinds), 3), 3.5 * -(-len(kinds) // 3)))
+    panels = np.atleast_1d(figure.subplots(-(-len(kinds) // 3), min(len(kinds), 3), squeeze=False)).ravel()
+    scored = [row for row in rows if row["best_val_mae"] is not None]
+    for axes, (name, kind) in zip(panels, kinds.items()):
+        values = [row["settings"][name] for row in scored]
+        if kind == "choice":
+            categories = list(dict.fromkeys(map(str, values)))
+            values = [categories.index(str(value)) for value in values]
+            axes.set_xticks(range(len(categories)), categories)
+        for stopped, marker in ((False, "o"), (True, "o")):
+            pick = [i for i, row in enumerate(scored) if (row["status"] != "finished") == stopped]
+            axes.scatter([values[i] for i in pick], [scored[i]["best_val_mae"] for i in pick], s=25, marker=marker,
+                         facecolors="none" if stopped else "C0", edgecolors="C0",
+                         label="stopped early" if stopped else "finished")
+        if kind == "loguniform":
+            axes.set_xscale("log")
+            axes.xaxis.set_minor_formatter(NullFormatter())  # the minor ticks' labels overlap on a narrow range
+        axes.set(xlabel=name, ylabel="best validation MAE (years)")
+    for axes in panels[len(kinds):]:
+        axes.set_visible(False)
+    _legend_once(panels[0], fontsize=7)
     return figure

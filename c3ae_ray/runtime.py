@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import os
 
+from c3ae_ray.config import check
+
 
 @contextlib.contextmanager
 def ray_runtime():
@@ -73,3 +75,12 @@ def pool_shape(cluster: dict, device: str, actors: int | None) -> tuple[str, int
     if not actors:
         actors = max(1, int(cpus) - 1) if cluster.get("nodes", 1) > 1 else max(1, int(cpus))
     return device, actors, cpus_per_worker(cluster, actors), 0.0
+
+
+def check_trial_resources(cpus: float, gpus: float) -> None:
+    """A Tune trial that asks for more CPUs or GPUs than the connected cluster has would wait forever: refuse it."""
+    import ray
+
+    cluster = ray.cluster_resources()
+    for name, wanted in (("CPU", cpus), ("GPU", gpus)):
+        check(wanted <= cluster.get(name, 0), f"--trial-{name.lower()}s {wanted:g}: the cluster has {cluster.get(name, 0):g} {name}s")

@@ -24,7 +24,7 @@ def test_help_lists_only_working_commands():
     result = run("--help")
     assert result.returncode == 0
     listed = re.findall(r"^    (\w+)\s", result.stdout, flags=re.M)
-    assert listed == ["summary", "preprocess", "train", "evaluate", "ablate", "score", "predict", "export", "calibrate", "pipeline", "serve"]
+    assert listed == ["summary", "preprocess", "train", "tune", "evaluate", "ablate", "score", "predict", "export", "calibrate", "pipeline", "serve"]
     for command in listed:
         assert run(command, "--help").returncode == 0
 

@@ -84,7 +84,7 @@ def test_job_files_are_complete():
     assert [s.name for s in planned.steps] == [
         "preprocess wiki", "pretrain", "preprocess utkface", "finetune", "preprocess fgnet", "evaluate lopo"]
     assert planned.model == "s3://YOUR-BUCKET/c3ae/models/model.pt"
-    for stage in ("preprocess", "pretrain", "finetune", "evaluate", "ablate", "score", "pipeline"):
+    for stage in ("preprocess", "pretrain", "finetune", "tune", "evaluate", "ablate", "score", "pipeline"):
         assert (ROOT / "jobs" / f"{stage}.py").is_file()
 
 

@@ -32,7 +32,7 @@ def test_splits_by_subject_print_the_table(fgnet_parquet, tmp_path):
 
 
 def test_a_killed_evaluation_keeps_its_finished_trials(fgnet_parquet, tmp_path):
-    command = [C3AE, "evaluate", "--data", str(fgnet_parquet), "--protocol", "lopo", "--epochs", "8",
+    command = [C3AE, "evaluate", "--data", str(fgnet_parquet), "--protocol", "lopo", "--epochs", "4",
                "--trial-cpus", "2", "--out", str(tmp_path / "lopo")]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
