@@ -29,6 +29,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import logging
 import math
 import os
 import tempfile
@@ -164,13 +165,15 @@ def run_tune_trial(config: dict, setup: dict) -> None:
     checkpoint after each (the scheduler reads `val_mae`)."""
     from ray import tune
 
+    # Ray's storage module logs every checkpoint at INFO: the driver's lines per ended trial are the progress
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
     cfg = trial_recipe(setup["base"], config["settings"])
     device = torch.device("cuda" if setup["gpus"] > 0 and torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(setup["threads"])
     torch.manual_seed(cfg.seed)
     held = hold_faces(setup["faces"], setup["region_size"], device)
-    train_rows, val_rows = torch.as_tensor(setup["train_rows"]), torch.as_tensor(setup["val_rows"])
+    train_rows, val_rows = torch.tensor(setup["train_rows"]), torch.tensor(setup["val_rows"])  # copies: the object store's are read-only
     model, optimizer, scheduler = build_training(cfg, None, device)
     generator = torch.Generator(device=device).manual_seed(cfg.seed)
     start = 0

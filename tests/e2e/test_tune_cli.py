@@ -37,6 +37,8 @@ def test_a_killed_search_resumes_without_training_its_ended_trials_again(face_pa
     again = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming" in again.stdout and f"] {first[1]} (" not in again.stdout  # not trained again
+    chatter = again.stdout + again.stderr  # no line per checkpoint from Ray, no warning from our trials
+    assert "Checkpoint successfully created" not in chatter and "UserWarning" not in chatter, chatter[-3000:]
     summary = json.loads((tmp_path / "search" / "summary.json").read_text())
     assert summary["trials"] == 2 and summary["failed"] == 0
     assert f"| {first[1]} |" in again.stdout and "best recipe:" in again.stdout
