@@ -17,7 +17,7 @@ OUT (a local path or s3://...):
     config.json           the effective config; rerunning the same command resumes the search
     trials/               the Tune experiment (finished trials are kept on a rerun)
     trials.csv, trials.md every trial: its settings, status (finished, stopped early, failed), epochs run, best
-                          validation MAE and its epoch, retries, error
+                          validation MAE and its epoch, failures (each retried up to max_failures), error
     best.yaml             the best trial's whole recipe: `c3ae train --config best.yaml --out RUN_DIR`
     curves.png            validation MAE per epoch of every trial
     settings.png          each searched setting against the trial's best validation MAE
@@ -219,13 +219,14 @@ def _describe(settings: dict) -> str:
     return ", ".join(f"{name} {value:.3g}" if isinstance(value, float) else f"{name} {value}" for name, value in settings.items())
 
 
-def _progress_callback(cfg: TuneConfig, retries: dict):
-    """Tune callback on the driver: a line per ended, retried or failed trial, and a status line a minute."""
+def _progress_callback(cfg: TuneConfig):
+    """Tune callback on the driver: a line per ended, retried or failed trial, and a status line a minute. A
+    resumed search restores it from the saved experiment, so its clock is the wall clock since the first start."""
     from ray import tune
 
     class Progress(tune.Callback):
         def __init__(self):
-            self.started = self.last = time.perf_counter()
+            self.started = self.last = time.time()
 
         def _counts(self, trials, trial, outcome: str | None) -> str:
             outcomes = [(_outcome(t, cfg.epochs) if t is not trial else outcome) for t in trials]
@@ -241,15 +242,13 @@ def _progress_callback(cfg: TuneConfig, retries: dict):
                   f"val MAE {result.get('val_mae', math.nan):.2f} at epoch {result.get('epoch', 0)}, {outcome}", flush=True)
 
         def on_trial_recover(self, iteration, trials, trial, **info):
-            retries[_trial_number(trial, cfg.search)] = trial.num_failures
             print(f"{_trial_name(trial, cfg.search)} failed, retrying from its last epoch ({trial.num_failures} failure(s) so far)", flush=True)
 
         def on_trial_error(self, iteration, trials, trial, **info):
-            retries[_trial_number(trial, cfg.search)] = trial.num_failures
             print(f"{self._counts(trials, trial, 'failed')} {_trial_name(trial, cfg.search)}: FAILED", flush=True)
 
         def on_step_end(self, iteration, trials, **info):
-            now = time.perf_counter()
+            now = time.time()
             if now - self.last >= 60:
                 self.last = now
                 running = [f"{_trial_name(t, cfg.search)} (epoch {(t.last_result or {}).get('epoch', 0)}/{cfg.epochs})"
@@ -268,7 +267,7 @@ def _outcome(trial, epochs: int) -> str | None:
     return None
 
 
-def _tuner(cfg: TuneConfig, trainable, space: dict, filesystem, out: str, resuming: bool, retries: dict):
+def _tuner(cfg: TuneConfig, trainable, space: dict, filesystem, out: str, resuming: bool):
     """A new Tune experiment, or the saved one restored: finished trials are kept, unfinished ones continue from
     their last checkpoint, failed ones stay failed."""
     from ray import tune
@@ -306,7 +305,7 @@ def _tuner(cfg: TuneConfig, trainable, space: dict, filesystem, out: str, resumi
             # checkpoint its saved state names, which may lag the newest by a few epochs when it was killed
             checkpoint_config=tune.CheckpointConfig(num_to_keep=None),
             verbose=0,  # the callback's lines are the progress
-            callbacks=[_progress_callback(cfg, retries)],
+            callbacks=[_progress_callback(cfg)],
         ),
     )
 
@@ -329,7 +328,6 @@ def tune_recipe(cfg: TuneConfig) -> dict:
     filesystem, out = storage.resolve(cfg.out)
     setup = {"base": base, "faces": faces, "train_rows": np.flatnonzero(~val_rows), "val_rows": np.flatnonzero(val_rows),
              "region_size": data.crop.region_size, "threads": max(1, int(cfg.trial_cpus)), "gpus": cfg.trial_gpus}
-    retries: dict[int, int] = {}  # trial number -> failures seen by this run's driver
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # a killed search loses at most 2 s of its state
     with ray_runtime():
         check_trial_resources(cfg.trial_cpus, cfg.trial_gpus)
@@ -338,14 +336,25 @@ def tune_recipe(cfg: TuneConfig) -> dict:
               f"of up to {cfg.epochs} epochs over {', '.join(space)}; {cfg.scheduler} stopping, {cfg.search} search, "
               f"{cfg.trial_cpus:g} CPU{f' and {cfg.trial_gpus:g} GPU' if cfg.trial_gpus else ''} per trial", flush=True)
         trainable = tune.with_resources(tune.with_parameters(run_tune_trial, setup=setup), {"cpu": cfg.trial_cpus, "gpu": cfg.trial_gpus})
-        grid = _tuner(cfg, trainable, space, filesystem, out, resuming, retries).fit()
-        rows, histories = _trial_rows(grid, cfg.epochs, retries)
+        grid = _tuner(cfg, trainable, space, filesystem, out, resuming).fit()
+        rows, histories = _trial_rows(grid, cfg.epochs)
     summary = _summarize(cfg, space, base, rows, time.perf_counter() - started)
     _write_report(filesystem, out, summary, space, histories)
     return summary
 
 
-def _trial_rows(grid, epochs: int, retries: dict) -> tuple[list[dict], dict[str, tuple[list, list]]]:
+def _failures(result) -> int:
+    """How often a trial failed, over every run of the search: Tune appends each failure to its error.txt."""
+    import pyarrow.fs as pafs
+
+    location = f"{result.path}/error.txt"
+    if result.filesystem.get_file_info(location).type == pafs.FileType.NotFound:
+        return 0
+    with result.filesystem.open_input_stream(location) as stream:
+        return stream.read().decode(errors="replace").count("Failure # ")
+
+
+def _trial_rows(grid, epochs: int) -> tuple[list[dict], dict[str, tuple[list, list]]]:
     """One row per trial, in creation order, and each trial's (epochs, validation MAEs)."""
     rows, histories = [], {}
     for result in grid:
@@ -358,7 +367,7 @@ def _trial_rows(grid, epochs: int, retries: dict) -> tuple[list[dict], dict[str,
         rows.append({
             "trial": f"trial {number}", "number": number, "status": status, "epochs": history[0][-1] if history[0] else 0,
             "best_val_mae": None if best is None else round(history[1][best], 4), "best_epoch": None if best is None else history[0][best],
-            "retries": retries.get(number, 0), "error": str(result.error).strip().splitlines()[-1][:300] if result.error else None,
+            "failures": _failures(result), "error": str(result.error).strip().splitlines()[-1][:300] if result.error else None,
             "settings": (result.config or {}).get("settings", {}),  # none for a trial killed before it started
         })
         histories[rows[-1]["trial"]] = history
@@ -387,7 +396,7 @@ def _best_recipe(base: dict, settings: dict) -> dict:
 
 def _write_report(filesystem, out: str, summary: dict, space: dict, histories: dict) -> None:
     names = list(space)
-    columns = ["trial", "status", "epochs", "best_val_mae", "best_epoch", "retries", *names, "error"]
+    columns = ["trial", "status", "epochs", "best_val_mae", "best_epoch", "failures", *names, "error"]
     table = io.StringIO()
     writer = csv.DictWriter(table, fieldnames=columns)
     writer.writeheader()
@@ -424,12 +433,12 @@ def format_report(summary: dict) -> str:
         "" if best is None else f"Best: {best['trial']}, validation MAE {best['best_val_mae']:.3f} at epoch {best['best_epoch']} "
         f"({_describe(best['settings'])}); its recipe is best.yaml.",
         "",
-        "| trial | status | epochs | best val MAE | at epoch | " + " | ".join(names) + " | retries |",
+        "| trial | status | epochs | best val MAE | at epoch | " + " | ".join(names) + " | failures |",
         "|---|---|---|---|---|" + "---|" * len(names) + "---|",
     ]
     for row in ranked:
         lines.append(f"| {row['trial']} | {row['status']}{': ' + row['error'] if row['error'] else ''} | {row['epochs']} | "
                      f"{cell(row['best_val_mae'])} | {cell(row['best_epoch'])} | "
-                     + " | ".join(cell(row["settings"].get(name)) for name in names) + f" | {row['retries']} |")
+                     + " | ".join(cell(row["settings"].get(name)) for name in names) + f" | {row['failures']} |")
     return "\n".join(lines) + "\n"
 

@@ -43,7 +43,7 @@ def test_a_search_retries_a_killed_trial_and_writes_its_report(ray_session, face
     rows = summary["rows"]
     assert [row["trial"] for row in rows] == ["trial 1", "trial 2", "trial 3", "trial 4"]
     assert all(row["status"] in ("finished", "stopped early") and row["error"] is None for row in rows)  # retried, not lost
-    assert sum(row["retries"] for row in rows) == 1 and "failed, retrying from its last epoch" in printed
+    assert sum(row["failures"] for row in rows) == 1 and "failed, retrying from its last epoch" in printed
     for row in rows:
         assert (row["status"] == "finished") == (row["epochs"] == 4) and 1 <= row["best_epoch"] <= row["epochs"]
         assert 1e-3 <= row["settings"]["lr"] <= 1e-2 and row["settings"]["batch_size"] in (8, 16)

@@ -54,7 +54,7 @@ def test_a_trial_recipe_is_the_base_with_its_settings_over_it():
 
 
 def test_the_report_ranks_trials_best_first_and_failed_last():
-    row = {"status": "finished", "epochs": 3, "retries": 0, "error": None}
+    row = {"status": "finished", "epochs": 3, "failures": 0, "error": None}
     summary = {
         "data": "faces", "trials": 3, "finished": 1, "stopped_early": 1, "failed": 1, "epochs_trained": 5, "elapsed_s": 12.0,
         "space": {"lr": {"loguniform": [0.001, 0.01]}},
