@@ -228,7 +228,7 @@ def parse_max_faces(value, limit: int) -> int:
         return limit
     try:
         number = int(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: JSON's Infinity
         raise ApiError(400, "bad_request", f"max_faces must be a whole number, got {value!r}") from None
     if number < 1 or isinstance(value, float) and value != number:
         raise ApiError(400, "bad_request", f"max_faces must be a whole number of at least 1, got {value!r}")

@@ -104,7 +104,9 @@ class FaceDetector:
         for index, image in enumerate(images):
             groups[detection_scale(*image.shape[:2], self.cfg.max_side)].append(index)
         for (height, width), indices in groups.items():
-            if min(height, width) < 12:  # smaller than P-Net's window: nothing can be found
+            # MTCNN's first pyramid level is min_face_size px (min side x 12 / min_face_size); under P-Net's
+            # 12 px window nothing can be found, and facenet-pytorch fails on an empty pyramid
+            if min(height, width) * (12.0 / self.cfg.min_face_size) < 12:
                 for index in indices:
                     results[index] = _no_faces()
                 continue

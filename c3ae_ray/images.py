@@ -78,14 +78,24 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
     size = image_size(data)
     if size is not None and size[0] * size[1] > max_pixels:
         raise ImageError("too_large", f"{size[0]}x{size[1]} pixels is over the cap of {max_pixels:,}")
-    decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    try:
+        decoded = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR)
+    except cv2.error as error:  # OpenCV's own checks, on a header Pillow could not read
+        if "validateInputImageSize" in str(error):
+            raise ImageError("too_large", "the header claims a size over OpenCV's limits") from None
+        raise ImageError("undecodable", "not a decodable image (OpenCV refused its header)") from None
     if decoded is None or decoded.size == 0:
         raise ImageError("undecodable", "not a decodable image (corrupt, truncated or unsupported format)")
     if decoded.shape[0] * decoded.shape[1] > max_pixels:
         raise ImageError("too_large", f"{decoded.shape[1]}x{decoded.shape[0]} pixels is over the cap of {max_pixels:,}")
+    if decoded.ndim == 3 and decoded.shape[2] == 2:  # gray and alpha (a TIFF's LA): the gray
+        decoded = decoded[:, :, 0]
     if decoded.ndim == 3:
         decoded = cv2.cvtColor(decoded, cv2.COLOR_BGR2RGB)
-    return to_rgb_uint8(decoded)
+    try:
+        return to_rgb_uint8(decoded)
+    except ValueError as error:  # 32-bit integer pixels (a TIFF's mode I), say: no photo's layout
+        raise ImageError("undecodable", f"unsupported pixel layout: {error}") from None
 
 
 def read_file(path) -> bytes:

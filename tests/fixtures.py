@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import signal
+import threading
+import time
 from datetime import date
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy.io
@@ -289,6 +293,38 @@ def kill_ray_process(ray_session, title: str) -> int | None:
                 os.kill(int(entry.name), signal.SIGKILL)
                 return int(entry.name)
     return None
+
+
+def kill_a_pool_actor_mid_run(ray_session, capsys, stage: Callable[[], dict], title: str = "ray::MapWorker") -> tuple[dict, int]:
+    """Run a batch stage (its progress lines on, a short interval) in a thread, SIGKILL one of its pool's actors
+    once a progress line says some but not all inputs are done, and wait for the stage. -> (its summary, the
+    killed pid). Fails if the stage ends before the kill or does not end after it."""
+    outcome = {}
+
+    def go():
+        try:
+            outcome["summary"] = stage()
+        except BaseException as error:  # the test reports it
+            outcome["error"] = error
+
+    thread = threading.Thread(target=go)
+    thread.start()
+    printed, deadline = "", time.monotonic() + 300
+    while True:
+        printed += capsys.readouterr().out
+        lines = [(int(m[1].replace(",", "")), int(m[2].replace(",", ""))) for m in re.finditer(r"([\d,]+) of ([\d,]+) images", printed)]
+        if lines and 0 < lines[-1][0] < lines[-1][1]:
+            break
+        assert thread.is_alive() and time.monotonic() < deadline, f"the stage ended or stalled before any progress: {outcome}"
+        time.sleep(0.05)
+    assert thread.is_alive(), "the stage ended before the kill"
+    pid = kill_ray_process(ray_session, title)
+    assert pid, f"no {title} process found"
+    thread.join(timeout=600)
+    assert not thread.is_alive(), "the stage did not end after its actor was killed"
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["summary"], pid
 
 
 def free_port() -> int:

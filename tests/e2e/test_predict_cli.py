@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import cv2
 
 from c3ae_ray import model
-from tests import fixtures
+from tests import fixtures, hostile
 
 C3AE = str(Path(sys.executable).with_name("c3ae"))
 
@@ -116,3 +117,19 @@ def test_predict_score_and_serve_default_to_the_bundled_model():
     for command in ("predict", "score", "serve"):
         shown = subprocess.run([C3AE, command, "--help"], capture_output=True, text=True, timeout=60).stdout
         assert "bundled model" in " ".join(shown.split()), command
+
+
+def test_a_folder_of_generated_hostile_files_gets_one_result_or_error_each(shared_data, tmp_path):
+    """Every format intact and broken (tests/hostile.py), with a real photo among them: never a crashed run."""
+    folder = tmp_path / "hostile"
+    written = hostile.hostile_folder(folder, 48)
+    shutil.copyfile(shared_data / "faces" / "ivan.jpg", folder / "ivan.jpg")
+    result = predict(*sorted(folder.iterdir()), "--json", "--draw", tmp_path / "drawn")  # as `c3ae predict hostile/*`
+    assert result.returncode == 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    results = {Path(r["path"]).name: r for r in json.loads(result.stdout)}
+    assert set(results) == {path.name for path in written} | {"ivan.jpg"}  # the folder's files, each once
+    assert results["ivan.jpg"]["n_faces"] == 1
+    for name, answer in results.items():
+        assert answer["error"] is None or answer["error"].split(":")[0] in hostile.READER_REASONS, (name, answer["error"])
+    errors = sum(r["error"] is not None for r in results.values())
+    assert 0 < errors < len(results)

@@ -14,13 +14,14 @@ import pytest
 from PIL import Image
 
 from c3ae_ray import storage
+from c3ae_ray.datasets import IMAGE_EXTENSIONS
 from c3ae_ray.crops import CropConfig
 from tests.oracles import face_crops, sample_crops
 from c3ae_ray.images import decode_image
 from c3ae_ray.config import UserError
 from c3ae_ray.faces import STATUSES
 from c3ae_ray.preprocess import NoUsableImagesError, PreprocessConfig, preprocess
-from tests import fixtures
+from tests import fixtures, hostile
 from tests.bad_files import write_bad_files
 
 
@@ -114,6 +115,20 @@ def test_counts_on_a_folder_with_known_bad_files(ray_session, shared_data, tmp_p
     assert all(r["age"] is None for r in kept.values())  # an unlabelled folder
 
 
+def test_a_folder_of_generated_hostile_files_is_kept_or_skipped_file_by_file(ray_session, shared_data, tmp_path):
+    """Every format intact and broken (tests/hostile.py) beside a real photo: each file once, kept or skipped."""
+    root = tmp_path / "data"
+    written = hostile.hostile_folder(root, 60, seed=2)
+    shutil.copy(shared_data / "faces" / "ivan.jpg", root / "ivan.jpg")
+    summary = run("folder", root, tmp_path / "out", batch_size=8)
+    assert_consistent(summary, tmp_path / "out")
+    kept = faces_table(tmp_path / "out").column("path").to_pylist()
+    skipped = skipped_table(tmp_path / "out").column("path").to_pylist()
+    assert sorted(kept + skipped) == sorted(str(path) for path in [*written, root / "ivan.jpg"] if path.suffix in IMAGE_EXTENSIONS)  # no .gif
+    assert str(root / "ivan.jpg") in kept and summary["unreadable"] > 0
+    assert set(summary["unreadable_reasons"]) <= hostile.READER_REASONS
+
+
 def test_reruns_refuse_or_replace_never_duplicate(ray_session, shared_data, tmp_path):
     built = fixtures.make_fgnet(tmp_path / "data", shared_data / "utkface", subjects=1, per_subject=3)
     out = tmp_path / "out"
@@ -138,6 +153,20 @@ def test_age_range_is_configurable_and_nothing_usable_is_an_error(ray_session, s
         run("fgnet", built["root"], tmp_path / "none", min_age=200)
     assert not (tmp_path / "none").exists()
     assert not list(tmp_path.glob("none.partial-*"))
+
+
+def test_a_killed_detector_actor_loses_and_repeats_no_row(ray_session, shared_data, tmp_path, capsys):
+    """Ray Data restarts a killed detector actor and retries its batches: every image once, kept or skipped."""
+    built = fixtures.make_utkface(tmp_path / "data", shared_data / "utkface", n=160)
+    out = tmp_path / "out"
+    summary, _ = fixtures.kill_a_pool_actor_mid_run(
+        ray_session, capsys, lambda: run("utkface", built["root"], out, batch_size=4, progress_s=0.2))
+    assert_consistent(summary, out)
+    listed = sorted(r["path"] for r in built["records"])
+    kept = faces_table(out).column("path").to_pylist()
+    skipped = skipped_table(out).column("path").to_pylist() if summary["seen"] > summary["kept"] else []
+    assert sorted(kept + skipped) == listed  # each once
+    assert summary["seen"] == len(listed) and summary["unreadable"] == 0
 
 
 def test_output_to_s3_on_a_loopback_server(ray_session, shared_data, tmp_path, s3_server):

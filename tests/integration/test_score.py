@@ -10,9 +10,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from c3ae_ray import storage
+from c3ae_ray.datasets import IMAGE_EXTENSIONS
 from c3ae_ray.batch import Tally, progress_lines
 from c3ae_ray.score import ScoreConfig, score
-from tests import fixtures
+from tests import fixtures, hostile
 from tests.bad_files import write_bad_files
 
 
@@ -121,3 +122,33 @@ def test_progress_reporter_is_done_when_the_stage_is(ray_session, capsys):
         time.sleep(1.0)
     assert not reporter.is_alive()
     assert "score: 3 of 10 images (30%)" in capsys.readouterr().out
+
+
+def test_a_killed_pool_actor_loses_and_repeats_no_row(ray_session, shared_data, model_file, tmp_path, capsys):
+    """Ray Data restarts a killed pool actor and retries its batches: every image once in the output."""
+    root = tmp_path / "store"
+    root.mkdir()
+    faces = fixtures.utk_faces(shared_data / "utkface", 160)
+    for face in faces:
+        shutil.copyfile(face, root / face.name)
+    out = tmp_path / "out"
+    summary, _ = fixtures.kill_a_pool_actor_mid_run(
+        ray_session, capsys, lambda: run(root, out, model_file, batch_size=4, max_faces=1, progress_s=0.2))
+    rows = pq.read_table(out / "predictions").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(root / face.name) for face in faces)  # each once
+    assert summary["images"] == summary["listed"] == len(faces) == len(rows)
+    assert summary["faces"] + summary["no_face"] + summary["errors"] == len(faces) and summary["errors"] == 0
+    assert storage.require_complete(str(out))[2] == summary
+
+
+def test_a_folder_of_generated_hostile_files_gets_a_row_each(ray_session, shared_data, model_file, tmp_path):
+    """Every format intact and broken (tests/hostile.py) beside a real photo: an error row or a result for each."""
+    folder = tmp_path / "hostile"
+    written = hostile.hostile_folder(folder, 60, seed=1)
+    shutil.copyfile(shared_data / "faces" / "ivan.jpg", folder / "ivan.jpg")
+    summary = run(folder, tmp_path / "out", model_file, batch_size=8, max_faces=1)
+    rows = pq.read_table(tmp_path / "out" / "predictions").to_pylist()
+    assert sorted(r["path"] for r in rows) == sorted(str(path) for path in [*written, folder / "ivan.jpg"] if path.suffix in IMAGE_EXTENSIONS)  # no .gif
+    assert summary["images"] == len(rows) == summary["faces"] + summary["no_face"] + summary["errors"]
+    assert 0 < summary["errors"] < len(rows) and set(summary["error_reasons"]) <= hostile.READER_REASONS
+    assert [r["status"] for r in rows if r["path"].endswith("ivan.jpg")] == ["face"]

@@ -8,12 +8,14 @@ import contextlib
 import io
 import re
 import shutil
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import numpy as np
 import pytest
 import requests
+from hypothesis import HealthCheck, given, settings
 from PIL import Image
 
 from c3ae_ray.images import decode_image
@@ -21,7 +23,7 @@ from c3ae_ray.model import BUNDLED_MODEL
 from c3ae_ray.api import API_KEY_ENV, ServeConfig
 from c3ae_ray.inference import Estimator
 from c3ae_ray.serving import APP_NAME, build_app, wait_until_healthy
-from tests import fixtures
+from tests import fixtures, hostile
 from tests.fixtures import free_port
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -131,6 +133,8 @@ def test_every_bad_input_gets_its_status_in_one_json_envelope_and_the_server_sta
         ("multipart without file", dict(files={"photo": ("a.jpg", jpeg, "image/jpeg")}), 400, "bad_multipart"),
         ("max_faces 0", dict(data=jpeg, headers={"Content-Type": "image/jpeg"}, params={"max_faces": 0}), 400, "bad_request"),
         ("max_faces not a number", dict(json={"image": base64.b64encode(jpeg).decode(), "max_faces": "lots"}), 400, "bad_request"),
+        ("max_faces Infinity", dict(data=b'{"image": "' + base64.b64encode(jpeg) + b'", "max_faces": Infinity}',
+                                    headers={"Content-Type": "application/json"}), 400, "bad_request"),
         ("body over 10 MB", dict(data=b"\xff" * (cfg.limits.max_body_bytes + 1), headers={"Content-Type": "image/jpeg"}), 413, "body_too_large"),
         ("pixel bomb", dict(data=png_header_bomb(), headers={"Content-Type": "image/png"}), 413, "too_large"),
         ("text body", dict(data=b"hello", headers={"Content-Type": "text/plain"}), 415, "unsupported_media_type"),
@@ -147,6 +151,33 @@ def test_every_bad_input_gets_its_status_in_one_json_envelope_and_the_server_sta
         assert (answer.status_code, answer.json()["error"]["code"]) == (status, code)
     assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
     assert post_image(url, jpeg).status_code == 200
+
+
+def test_generated_hostile_requests_get_a_result_or_the_error_envelope_never_a_500(served, shared_data):
+    """Hundreds of generated bodies (tests/hostile.py): broken images of five formats, raw, as JSON base64 or
+    multipart; JSON of wrong types; malformed base64 and multipart; odd content types. Each answer is a result
+    or the error envelope with a 4xx status, and the server answers a real photo afterwards."""
+    url, _ = served
+    statuses = Counter()
+
+    @settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    @given(hostile.api_requests())
+    def check(request):
+        form, kwargs = request
+        answer = requests.post(f"{url}/v1/age", timeout=60, **kwargs)
+        statuses[answer.status_code] += 1
+        assert answer.status_code in (200, 400, 413, 415), f"{form}: {answer.status_code} {answer.text[:300]}"
+        assert "Traceback" not in answer.text and answer.headers["Content-Type"] == "application/json", form
+        document = answer.json()
+        if answer.status_code == 200:
+            assert document["n_faces"] == len(document["faces"]), form
+        else:
+            assert set(document) == {"error"} and document["error"]["code"] and document["error"]["message"], form
+
+    check()
+    assert sum(statuses.values()) >= 300 and {200, 400, 415} <= set(statuses), statuses
+    assert requests.get(f"{url}/healthz", timeout=30).status_code == 200
+    assert post_image(url, (shared_data / "faces" / "ivan.jpg").read_bytes()).json()["n_faces"] == 1
 
 
 def test_concurrent_requests_share_batches(served, shared_data):

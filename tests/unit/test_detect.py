@@ -92,5 +92,7 @@ def test_non_square_scale_maps_each_axis(photos):
 
 
 def test_tiny_images_have_no_faces(detector):
-    found = detector.detect([np.zeros((8, 30, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8)])
-    assert [len(f) for f in found] == [0, 0]
+    # 8 px: under P-Net's window; 15 x 3000: a strip under min_face_size (20) even before it is shrunk
+    images = [np.zeros((8, 30, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8), np.zeros((15, 3000, 3), np.uint8)]
+    assert [len(f) for f in detector.detect(images)] == [0, 0, 0]
+    assert [len(f) for f in FaceDetector("cpu", DetectorConfig(min_face_size=40)).detect([np.zeros((30, 90, 3), np.uint8)])] == [0]
