@@ -25,6 +25,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from c3ae_ray import storage
+from c3ae_ray.config import UserError
 from c3ae_ray.images import DEFAULT_MAX_PIXELS
 from c3ae_ray.inference import ImageFailure, decode_all, release_free_memory
 from c3ae_ray.runtime import cluster_shape, pool_shape, ray_runtime
@@ -184,7 +185,12 @@ def run_batch(job: BatchJob, summarize: Callable[[pafs.FileSystem, str, dict], d
     try:
         with ray_runtime():
             # The stage's own progress lines instead of Ray Data's bars and INFO lines (warnings still show)
-            ray.data.DataContext.get_current().enable_progress_bars = False
+            context = ray.data.DataContext.get_current()
+            context.enable_progress_bars = False
+            # Ray Data retries a failed write 10 times, up to 32 s apart, on a store that is not there (network
+            # errors), after the S3 client's own retries: a run stalled for many minutes. Only throttling is
+            # retried here: a store gone is a StorageError within about a minute, and the user reruns.
+            context.retried_io_errors = [error for error in context.retried_io_errors if "SLOW_DOWN" in error]
             logging.getLogger("ray.data").setLevel(logging.WARNING)
             device, actors, cpus, gpus = pool_shape(cluster_shape(), job.device, job.actors)
             blocks = min(len(job.items), max(8 * actors, math.ceil(len(job.items) / 1000)))
@@ -203,14 +209,23 @@ def run_batch(job: BatchJob, summarize: Callable[[pafs.FileSystem, str, dict], d
                     num_gpus=gpus,
                 )
             )
+            # A refused write is the store's (said in one line below): not Ray Data's error log with its traceback
+            logging.getLogger("ray.data").setLevel(logging.CRITICAL)
             with progress_lines(job.name, len(job.items), tally, job.progress_s):
                 rows.write_parquet(posixpath.join(staging, job.folder), filesystem=filesystem, partition_cols=job.partition_cols)
+            logging.getLogger("ray.data").setLevel(logging.WARNING)
             run = {"device": device, "actors": actors, "pipeline_s": round(time.perf_counter() - started, 2)}
         summary = summarize(filesystem, staging, run)
         storage.publish(filesystem, staging, out, summary, job.overwrite)
         return summary
+    except OSError as error:  # a full or read-only disk, an object store gone (a Ray task's OSError too)
+        if isinstance(error, UserError):  # ours already (an output that appeared meanwhile, say)
+            raise
+        raise storage.refused_write(job.out, error) from error
     finally:
-        storage.delete_tree(filesystem, staging)
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        with contextlib.suppress(OSError):  # a store still refusing keeps the staging folder, which looks incomplete
+            storage.delete_tree(filesystem, staging)
 
 
 def status_counts(filesystem: pafs.FileSystem, folder: str, error_status: str, columns: tuple[str, ...] = (),

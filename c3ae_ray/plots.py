@@ -126,7 +126,12 @@ def search_settings(rows: list[dict], kinds: dict[str, str]) -> Figure:
     for axes, (name, kind) in zip(panels, kinds.items()):
         values = [row["settings"][name] for row in scored]
         if kind == "choice":
-            categories = list(dict.fromkeys(map(str, values)))
+            seen = list(dict.fromkeys(values))
+            try:  # numbers in order (batch sizes 32, 50, 100), not in the order the trials drew them
+                seen = sorted(seen)
+            except TypeError:
+                pass
+            categories = list(map(str, seen))
             values = [categories.index(str(value)) for value in values]
             axes.set_xticks(range(len(categories)), categories)
         for stopped, marker in ((False, "o"), (True, "o")):

@@ -21,6 +21,17 @@ from c3ae_ray.config import NotFoundError, OutputExistsError, UserError
 SUMMARY = "summary.json"
 
 
+class StorageError(UserError):
+    """The output's store refused a write: a full or read-only disk, an object store gone or refusing."""
+
+
+def refused_write(location: str, error: OSError) -> StorageError:
+    """A StorageError naming the output and the store's own words (a Ray task's OSError carries them on its
+    last line, after the task's name)."""
+    words = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    return StorageError(f"could not write {location}: {words} (nothing there looks complete; rerun when the store takes writes)")
+
+
 def resolve(location: str) -> tuple[pafs.FileSystem, str]:
     """'s3://bucket/key' or a local path -> (pyarrow filesystem, path on it).
 

@@ -3,6 +3,7 @@ unit (no Ray), integration (one local Ray per session), e2e (the `c3ae` command 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,13 +63,20 @@ def face_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def utkface_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
-    """Every shared UTKFace image through `c3ae preprocess` (about 80 s): the data the bundled model was
-    trained and measured on."""
+def utkface_val_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
+    """The shared `utkface` images that every bundled model's hash split held out (about 790, by file name, as
+    `c3ae train` splits), copied under their own names into a folder `utkface` and run through `c3ae preprocess`:
+    the faces the bundled model is measured on (its card's target row)."""
+    from c3ae_ray.faces import in_validation, split_key
     from c3ae_ray.preprocess import PreprocessConfig, preprocess
 
-    out = tmp_path_factory.mktemp("utk_all") / "faces"
-    preprocess(PreprocessConfig(dataset="utkface", root=str(shared_data / "utkface"), out=str(out), detectors=2))
+    root = tmp_path_factory.mktemp("utk_val")
+    for image in sorted((shared_data / "utkface").iterdir()):
+        if in_validation(split_key(image.name, None), 0.1):
+            (root / "utkface").mkdir(exist_ok=True)
+            shutil.copyfile(image, root / "utkface" / image.name)
+    out = root / "faces"
+    preprocess(PreprocessConfig(dataset="utkface", root=str(root / "utkface"), out=str(out), detectors=2))
     return out
 
 

@@ -7,11 +7,13 @@ returns what `c3ae_ray.datasets.read_dataset` must list for it, so tests compare
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import re
 import shutil
 import signal
+import subprocess
 import threading
 import time
 from datetime import date
@@ -295,16 +297,16 @@ def kill_ray_process(ray_session, title: str) -> int | None:
     return None
 
 
-def kill_a_pool_actor_mid_run(ray_session, capsys, stage: Callable[[], dict], title: str = "ray::MapWorker") -> tuple[dict, int]:
-    """Run a batch stage (its progress lines on, a short interval) in a thread, SIGKILL one of its pool's actors
-    once a progress line says some but not all inputs are done, and wait for the stage. -> (its summary, the
-    killed pid). Fails if the stage ends before the kill or does not end after it."""
+def fault_mid_run(capsys, stage: Callable[[], dict], fault: Callable[[], object]) -> dict:
+    """Run a batch stage (its progress lines on, a short interval) in a thread, call `fault` once a progress line
+    says some but not all inputs are done, and wait for the stage. -> {"summary": ...} or {"error": ...}, and
+    "fault": what `fault` returned. Fails if the stage ends before the fault or does not end after it."""
     outcome = {}
 
     def go():
         try:
             outcome["summary"] = stage()
-        except BaseException as error:  # the test reports it
+        except BaseException as error:  # the test looks at it
             outcome["error"] = error
 
     thread = threading.Thread(target=go)
@@ -317,14 +319,46 @@ def kill_a_pool_actor_mid_run(ray_session, capsys, stage: Callable[[], dict], ti
             break
         assert thread.is_alive() and time.monotonic() < deadline, f"the stage ended or stalled before any progress: {outcome}"
         time.sleep(0.05)
-    assert thread.is_alive(), "the stage ended before the kill"
-    pid = kill_ray_process(ray_session, title)
-    assert pid, f"no {title} process found"
+    assert thread.is_alive(), "the stage ended before the fault"
+    outcome["fault"] = fault()
     thread.join(timeout=600)
-    assert not thread.is_alive(), "the stage did not end after its actor was killed"
+    assert not thread.is_alive(), "the stage did not end after the fault"
+    return outcome
+
+
+def kill_a_pool_actor_mid_run(ray_session, capsys, stage: Callable[[], dict], title: str = "ray::MapWorker") -> dict:
+    """`fault_mid_run` with SIGKILL to one of the stage's pool actors. -> the stage's summary."""
+    outcome = fault_mid_run(capsys, stage, lambda: kill_ray_process(ray_session, title))
+    assert outcome["fault"], f"no {title} process found"
     if "error" in outcome:
         raise outcome["error"]
-    return outcome["summary"], pid
+    return outcome["summary"]
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, kilobytes: int = 256):
+    """A tmpfs of that size mounted at `path` (a disk that fills up or turns read-only on demand: `mount -o
+    remount,ro`), unmounted afterwards. Needs root, as the test machines run."""
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kilobytes}k", "tmpfs", str(path)], check=True, capture_output=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False, capture_output=True)
+
+
+def fill(disk: Path) -> Path:
+    """Write one file until the disk is full. -> the file (delete it to free the disk)."""
+    filler = disk / "filler"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while os.write(descriptor, b"\0" * 4096):
+            pass
+    except OSError:  # ENOSPC: full
+        pass
+    finally:
+        os.close(descriptor)
+    return filler
 
 
 def free_port() -> int:

@@ -1,5 +1,5 @@
 """The bundled model's accuracy on UTKFace faces it never trained on is what its model card states, measured
-afresh from a new preprocessing of the shared `utkface` folder by the card command itself: the card's row for
+afresh from a new preprocessing of the `utkface` folder's held-out images by the card command itself: the card's row for
 that folder (the faces the project's age target, card.TARGET_MAE, is set on), and no worse there than the first
 bundled model (5.49). Its age range holds its stated share of true ages on the held-out faces its calibration
 never saw, and `c3ae calibrate` fits the same on this folder alone."""
@@ -27,10 +27,10 @@ def row_cells(card: str, first: str) -> list[str]:
 
 
 @pytest.mark.slow
-def test_bundled_model_accuracy_on_the_held_out_faces_is_what_its_card_says(utkface_parquet, tmp_path):
+def test_bundled_model_accuracy_on_the_held_out_faces_is_what_its_card_says(utkface_val_parquet, tmp_path):
     _, payload = load_model(BUNDLED_MODEL)
-    measured = write_card(str(BUNDLED_MODEL), str(tmp_path), str(utkface_parquet))
-    assert measured["faces"] == measured["target"]["faces"] >= 700  # only the utkface folder: all of it is the target's
+    measured = write_card(str(BUNDLED_MODEL), str(tmp_path), str(utkface_val_parquet))
+    assert measured["faces"] == measured["target"]["faces"] >= 700  # only the utkface folder's held-out faces
     assert measured["target"]["mae"] <= 5.49, measured["target"]["mae"]  # the age-only model trained on this folder alone
     shipped = (BUNDLED_MODEL.parent / "MODEL_CARD.md").read_text()
     remade = (tmp_path / "MODEL_CARD.md").read_text()
@@ -50,9 +50,9 @@ def test_bundled_model_accuracy_on_the_held_out_faces_is_what_its_card_says(utkf
 
 
 @pytest.mark.slow
-def test_calibrate_fits_a_range_that_holds_on_faces_it_did_not_see(utkface_parquet, tmp_path):
+def test_calibrate_fits_a_range_that_holds_on_faces_it_did_not_see(utkface_val_parquet, tmp_path):
     out = tmp_path / "calibrated.pt"
-    summary = calibrate_file(str(BUNDLED_MODEL), str(utkface_parquet), str(out), coverage=0.9)
+    summary = calibrate_file(str(BUNDLED_MODEL), str(utkface_val_parquet), str(out), coverage=0.9)
     fitted = summary["age_range"]
     assert fitted["coverage"] == 0.9 and fitted["faces"] >= 350 and fitted["check_faces"] >= 350
     assert abs(fitted["check_coverage"] - 0.9) <= 0.05, fitted

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import math
 import shutil
+import time
 from pathlib import Path
 
 import cv2
@@ -159,7 +159,7 @@ def test_a_killed_detector_actor_loses_and_repeats_no_row(ray_session, shared_da
     """Ray Data restarts a killed detector actor and retries its batches: every image once, kept or skipped."""
     built = fixtures.make_utkface(tmp_path / "data", shared_data / "utkface", n=160)
     out = tmp_path / "out"
-    summary, _ = fixtures.kill_a_pool_actor_mid_run(
+    summary = fixtures.kill_a_pool_actor_mid_run(
         ray_session, capsys, lambda: run("utkface", built["root"], out, batch_size=4, progress_s=0.2))
     assert_consistent(summary, out)
     listed = sorted(r["path"] for r in built["records"])
@@ -167,6 +167,45 @@ def test_a_killed_detector_actor_loses_and_repeats_no_row(ray_session, shared_da
     skipped = skipped_table(out).column("path").to_pylist() if summary["seen"] > summary["kept"] else []
     assert sorted(kept + skipped) == listed  # each once
     assert summary["seen"] == len(listed) and summary["unreadable"] == 0
+
+
+def test_an_object_store_gone_mid_run_is_a_clear_error_and_a_rerun_succeeds(ray_session, shared_data, tmp_path, capsys, monkeypatch):
+    """The loopback S3 server stopped while the stage writes: a StorageError naming the output, within a bound;
+    nothing at --out that looks complete; the same run succeeds once a server answers on that address again."""
+    from moto.server import ThreadedMotoServer
+
+    port = fixtures.free_port()
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{port}")
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+
+    def start_server() -> ThreadedMotoServer:
+        server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+        server.start()
+        filesystem = storage.resolve("s3://faults")[0]
+        if not storage.exists(filesystem, "faults"):
+            filesystem.create_dir("faults")
+        return server
+
+    built = fixtures.make_utkface(tmp_path / "data", shared_data / "utkface", n=120)
+    stage = lambda: run("utkface", built["root"], "s3://faults/out", batch_size=4, progress_s=0.2)  # noqa: E731
+    server = start_server()
+    outcome = fixtures.fault_mid_run(capsys, stage, lambda: (server.stop(), time.monotonic())[1])
+    assert isinstance(outcome.get("error"), storage.StorageError), outcome
+    assert str(outcome["error"]).startswith("could not write s3://faults/out: ")
+    # The stage goes on detecting until its first write after the stop fails (Ray Data's own write retries,
+    # 10 over minutes, are off but for throttling: c3ae_ray.batch); a bound for this small stage:
+    assert time.monotonic() - outcome["fault"] < 120
+
+    server = start_server()  # the same store (moto keeps its objects in this process's memory)
+    try:
+        with pytest.raises(UserError, match="does not exist|no summary.json"):
+            storage.require_complete("s3://faults/out")
+        summary = run("utkface", built["root"], "s3://faults/out", batch_size=4)
+        assert storage.require_complete("s3://faults/out")[2] == summary and summary["seen"] == len(built["records"])
+    finally:
+        server.stop()
 
 
 def test_output_to_s3_on_a_loopback_server(ray_session, shared_data, tmp_path, s3_server):
@@ -181,10 +220,10 @@ def test_output_to_s3_on_a_loopback_server(ray_session, shared_data, tmp_path, s
 
 
 @pytest.mark.timeout(900)
-def test_detection_check_on_every_shared_utkface_image(utkface_parquet):
-    """At least 98% of the shared UTKFace images are kept with exactly one face."""
-    summary = storage.require_complete(str(utkface_parquet))[2]
-    assert summary["seen"] == 7807
+def test_detection_check_on_the_held_out_shared_utkface_images(utkface_val_parquet):
+    """At least 98% of the held-out shared UTKFace images (the bundled model's measure) are kept with exactly one face."""
+    summary = storage.require_complete(str(utkface_val_parquet))[2]
+    assert 700 <= summary["seen"] == len(list((utkface_val_parquet.parent / "utkface").iterdir()))
     assert summary["kept"] / summary["seen"] >= 0.98, summary
     assert summary["unreadable"] == 0
-    assert math.isclose(summary["kept"] + summary["no_face"] + summary["multi_face"], 7807)
+    assert summary["kept"] + summary["no_face"] + summary["multi_face"] == summary["seen"]

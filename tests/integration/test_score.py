@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
 import time
 
 import pyarrow.dataset as pads
@@ -132,7 +133,7 @@ def test_a_killed_pool_actor_loses_and_repeats_no_row(ray_session, shared_data, 
     for face in faces:
         shutil.copyfile(face, root / face.name)
     out = tmp_path / "out"
-    summary, _ = fixtures.kill_a_pool_actor_mid_run(
+    summary = fixtures.kill_a_pool_actor_mid_run(
         ray_session, capsys, lambda: run(root, out, model_file, batch_size=4, max_faces=1, progress_s=0.2))
     rows = pq.read_table(out / "predictions").to_pylist()
     assert sorted(r["path"] for r in rows) == sorted(str(root / face.name) for face in faces)  # each once
@@ -152,3 +153,25 @@ def test_a_folder_of_generated_hostile_files_gets_a_row_each(ray_session, shared
     assert summary["images"] == len(rows) == summary["faces"] + summary["no_face"] + summary["errors"]
     assert 0 < summary["errors"] < len(rows) and set(summary["error_reasons"]) <= hostile.READER_REASONS
     assert [r["status"] for r in rows if r["path"].endswith("ivan.jpg")] == ["face"]
+
+
+def test_a_full_then_read_only_disk_is_a_clear_error_and_a_rerun_succeeds(ray_session, shared_data, model_file, tmp_path):
+    """A StorageError that names the output and the disk's own words; nothing at --out (no staging folder
+    either); once the disk takes writes, the same run succeeds."""
+    images = tmp_path / "images"
+    images.mkdir()
+    for face in fixtures.utk_faces(shared_data / "utkface", 12):
+        shutil.copyfile(face, images / face.name)
+    with fixtures.small_disk(tmp_path / "disk") as disk:
+        filler = fixtures.fill(disk)
+        with pytest.raises(storage.StorageError, match=rf"could not write {disk / 'out'}: .*No space left on device"):
+            run(images, disk / "out", model_file)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+        filler.unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+        with pytest.raises(storage.StorageError, match="Read-only file system"):
+            run(images, disk / "out", model_file)
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        assert list(disk.iterdir()) == []
+        summary = run(images, disk / "out", model_file)
+        assert summary["faces"] == 12 and storage.require_complete(str(disk / "out"))[2] == summary

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
@@ -69,20 +70,24 @@ def test_one_worker_writes_metrics_plots_checkpoints_and_a_small_model(one_worke
 
 
 @pytest.mark.slow
-def test_a_run_calibrates_its_age_range_on_its_validation_faces(face_parquet, utkface_parquet, tmp_path):
-    """Validated on a separate output (two of the Parquet files of every shared UTKFace face, about 970 faces),
-    the run fits its range on one hash half of those faces and checks it on the other, and the file answers with it."""
+def test_a_run_calibrates_its_age_range_on_its_validation_faces(face_parquet, utkface_val_parquet, tmp_path):
+    """Validated on a separate output (the held-out shared UTKFace faces, about 760), the run fits its range on
+    one hash half of those faces and checks it on the other, and the file answers with it."""
+    # Those faces' names all hash into the bottom tenth (that is how they were held out): under other names,
+    # the halves of a separate output (hash above or below 0.5) are both about half of them.
     val = tmp_path / "val-faces"
     (val / "faces").mkdir(parents=True)
-    shutil.copyfile(utkface_parquet / "summary.json", val / "summary.json")
-    for part in sorted((utkface_parquet / "faces").glob("*.parquet"))[2::7][:2]:  # files hold runs of sorted names
-        shutil.copyfile(part, val / "faces" / part.name)
+    shutil.copyfile(utkface_val_parquet / "summary.json", val / "summary.json")
+    faces = pq.read_table(utkface_val_parquet / "faces")
+    renamed = pa.array([f"{path}.renamed.jpg" for path in faces.column("path").to_pylist()])
+    pq.write_table(faces.set_column(faces.column_names.index("path"), "path", renamed), val / "faces" / "part-0.parquet")
     summary = run(face_parquet, tmp_path / "run", epochs=1, val_data=str(val))
     fitted = summary["age_range"]["age_range"]
     assert fitted["coverage"] == 0.8 and fitted["faces"] + fitted["check_faces"] == summary["data"]["val"]["faces"]
     # One epoch on 40 faces: a model that takes most faces for older than they are, so the range must reach far
-    # below the age and not above it, and it holds more than stated (never much less: the fit's guarantee).
-    assert fitted["check_coverage"] >= 0.75, fitted
+    # below the age and not above it. On the other half it holds about what was stated: within three standard
+    # errors of a difference between two random halves of this size (about 0.09 here).
+    assert fitted["check_coverage"] >= 0.8 - 3 * (2 * 0.8 * 0.2 / fitted["check_faces"]) ** 0.5, fitted
     _, payload = load_model(tmp_path / "run" / "model.pt")
     assert payload["age_range"] == fitted
 
