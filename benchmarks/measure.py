@@ -9,25 +9,32 @@ import time
 from pathlib import Path
 
 
-def tree_rss(root_pid: int) -> int:
-    """Resident bytes of a process and all its descendants, from /proc."""
+def tree_processes(root_pid: int) -> dict[int, tuple[str, int]]:
+    """{pid: (command line, resident bytes)} of a process and all its descendants, from /proc."""
     children: dict[int, list[int]] = {}
-    rss: dict[int, int] = {}
+    found: dict[int, tuple[str, int]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
         try:
             stat = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            children.setdefault(int(stat[1]), []).append(int(entry.name))
-            rss[int(entry.name)] = int(stat[21]) * os.sysconf("SC_PAGE_SIZE")
+            title = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
         except (OSError, IndexError, ValueError):
             continue
-    total, stack = 0, [root_pid]
+        children.setdefault(int(stat[1]), []).append(int(entry.name))
+        found[int(entry.name)] = (title, int(stat[21]) * os.sysconf("SC_PAGE_SIZE"))
+    tree, stack = {}, [root_pid]
     while stack:
         pid = stack.pop()
-        total += rss.get(pid, 0)
+        if pid in found:
+            tree[pid] = found[pid]
         stack.extend(children.get(pid, []))
-    return total
+    return tree
+
+
+def tree_rss(root_pid: int) -> int:
+    """Resident bytes of a process and all its descendants."""
+    return sum(rss for _, rss in tree_processes(root_pid).values())
 
 
 def run_sampled(command: list[str], every_s: float = 0.5) -> tuple[float, list[tuple[float, int]], str]:

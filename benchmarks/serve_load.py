@@ -87,9 +87,12 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: 
     return {"rps": len(latencies) / elapsed, "p50": p50, "p95": p95, "p99": p99, "errors": errors, "n": len(latencies)}
 
 
-def start_server(model: str, port: int, batch: int) -> subprocess.Popen:
+def start_server(model: str, port: int, batch: int, max_in_flight: int | None = 256) -> subprocess.Popen:
+    """`c3ae serve` on loopback, once healthy; max_in_flight None keeps the command's default (64)."""
     command = [str(Path(sys.executable).with_name("c3ae")), "serve", "--model", model, "--port", str(port),
-               "--device", "cpu", "--max-batch-size", str(batch), "--max-in-flight", "256"]
+               "--device", "cpu", "--max-batch-size", str(batch)]
+    if max_in_flight is not None:
+        command += ["--max-in-flight", str(max_in_flight)]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
