@@ -210,10 +210,10 @@ def run_batch(job: BatchJob, summarize: Callable[[pafs.FileSystem, str, dict], d
                 )
             )
             # A refused write is the store's (said in one line below): not Ray Data's error log with its traceback
+            # (the level is put back on the way out)
             logging.getLogger("ray.data").setLevel(logging.CRITICAL)
             with progress_lines(job.name, len(job.items), tally, job.progress_s):
                 rows.write_parquet(posixpath.join(staging, job.folder), filesystem=filesystem, partition_cols=job.partition_cols)
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
             run = {"device": device, "actors": actors, "pipeline_s": round(time.perf_counter() - started, 2)}
         summary = summarize(filesystem, staging, run)
         storage.publish(filesystem, staging, out, summary, job.overwrite)

@@ -71,9 +71,9 @@ def utkface_val_parquet(ray_session, shared_data, tmp_path_factory) -> Path:
     from c3ae_ray.preprocess import PreprocessConfig, preprocess
 
     root = tmp_path_factory.mktemp("utk_val")
+    (root / "utkface").mkdir()
     for image in sorted((shared_data / "utkface").iterdir()):
         if in_validation(split_key(image.name, None), 0.1):
-            (root / "utkface").mkdir(exist_ok=True)
             shutil.copyfile(image, root / "utkface" / image.name)
     out = root / "faces"
     preprocess(PreprocessConfig(dataset="utkface", root=str(root / "utkface"), out=str(out), detectors=2))
