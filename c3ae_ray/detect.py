@@ -6,6 +6,8 @@ Two things make it fit for a pipeline:
   slow and gain nothing), and their boxes and landmarks are scaled back to the original pixels.
 - Speed on CPU: the three networks run in channels-last memory format, where PyTorch's max-pooling is
   vectorised. Results are the same (boxes within 1e-4 px) and detection is about 1.6x faster per thread.
+  R-Net's and O-Net's inputs are resampled for all candidate boxes at once from a summed-area table
+  (`_detect_batch`), not box by box as facenet-pytorch does.
 """
 
 from __future__ import annotations
@@ -111,8 +113,7 @@ class FaceDetector:
                     results[index] = _no_faces()
                 continue
             batch = np.stack([_resized(images[i], height, width) for i in indices])
-            boxes, scores, points = self.mtcnn.detect(batch, landmarks=True)
-            for index, box, score, point in zip(indices, boxes, scores, points):
+            for index, (box, score, point) in zip(indices, _detect_batch(self.mtcnn, batch)):
                 original_height, original_width = images[index].shape[:2]
                 scale = np.array([original_width / width, original_height / height], np.float32)
                 results[index] = _faces(box, score, point, scale).above(self.cfg.min_face_score)
@@ -130,11 +131,141 @@ def _no_faces() -> Faces:
 
 
 def _faces(boxes, scores, points, scale: np.ndarray) -> Faces:
-    """One image's MTCNN output (None when no face) -> Faces scaled back by (sx, sy), best score first."""
-    if boxes is None:
-        return _no_faces()
+    """One image's MTCNN output -> Faces scaled back by (sx, sy), best score first."""
     scores = np.asarray(scores, np.float32)
     order = np.argsort(-scores, kind="stable")
     boxes = np.asarray(boxes, np.float32)[order] * np.tile(scale, 2)
     points = np.asarray(points, np.float32)[order] * scale
     return Faces(boxes, scores[order], points)
+
+
+def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """facenet-pytorch's `detect_face` and `MTCNN.detect` (keep_all, select_largest=False) with the same results,
+    but R-Net's and O-Net's inputs are resampled for all candidate boxes at once (`_box_crops`): facenet's
+    `interpolate` call per box was over a quarter of detection time on 200 x 200 images.
+
+    batch: (n, height, width, 3) uint8 RGB -> per image (boxes (k, 4), scores (k,), landmarks (k, 5, 2)) float32.
+    """
+    import torch
+    from facenet_pytorch.models.utils.detect_face import (
+        batched_nms_numpy,
+        bbreg,
+        fixed_batch_process,
+        generateBoundingBox,
+        imresample,
+        rerec,
+    )
+    from torchvision.ops import batched_nms
+
+    with torch.no_grad():
+        imgs = torch.as_tensor(batch, device=mtcnn.device).permute(0, 3, 1, 2).float()
+        height, width = batch.shape[1:3]
+        scale = 12.0 / mtcnn.min_face_size
+        smallest_side = min(height, width) * scale
+        scales = []
+        while smallest_side >= 12:
+            scales.append(scale)
+            scale, smallest_side = scale * mtcnn.factor, smallest_side * mtcnn.factor
+
+        # P-Net on the image pyramid; NMS within each scale and image, then within each image
+        boxes, image_inds, picks, offset = [], [], [], 0
+        for scale in scales:
+            pyramid_level = imresample(imgs, (int(height * scale + 1), int(width * scale + 1)))
+            reg, probs = mtcnn.pnet((pyramid_level - 127.5) * 0.0078125)
+            scale_boxes, scale_image_inds = generateBoundingBox(reg, probs[:, 1], scale, mtcnn.thresholds[0])
+            picks.append(batched_nms(scale_boxes[:, :4], scale_boxes[:, 4], scale_image_inds, 0.5) + offset)
+            offset += len(scale_boxes)
+            boxes.append(scale_boxes)
+            image_inds.append(scale_image_inds)
+        pick = torch.cat(picks)
+        boxes, image_inds = torch.cat(boxes)[pick], torch.cat(image_inds)[pick]
+        pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+        boxes, image_inds = boxes[pick], image_inds[pick]
+        box_width, box_height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+        corners = [boxes[:, 0] + boxes[:, 5] * box_width, boxes[:, 1] + boxes[:, 6] * box_height,
+                   boxes[:, 2] + boxes[:, 7] * box_width, boxes[:, 3] + boxes[:, 8] * box_height]
+        boxes = rerec(torch.stack([*corners, boxes[:, 4]], dim=1))
+
+        # R-Net refines the candidates
+        table = _summed_area_table(batch, imgs.device)
+        boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 24)
+        if len(boxes) > 0:
+            reg, probs = fixed_batch_process(crops, mtcnn.rnet)
+            passed = probs[:, 1] > mtcnn.thresholds[1]
+            boxes = torch.cat((boxes[passed, :4], probs[passed, 1:2]), dim=1)
+            image_inds, reg = image_inds[passed], reg[passed]
+            pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
+            boxes, image_inds = rerec(bbreg(boxes[pick], reg[pick])), image_inds[pick]
+
+        # O-Net scores the faces and places the landmarks
+        points = torch.zeros(0, 5, 2, device=imgs.device)
+        boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 48)
+        if len(boxes) > 0:
+            reg, points, probs = fixed_batch_process(crops, mtcnn.onet)
+            passed = probs[:, 1] > mtcnn.thresholds[2]
+            boxes = torch.cat((boxes[passed, :4], probs[passed, 1:2]), dim=1)
+            image_inds, reg, points = image_inds[passed], reg[passed], points[passed]
+            box_width, box_height = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+            points_x = box_width[:, None] * points[:, :5] + boxes[:, 0:1] - 1
+            points_y = box_height[:, None] * points[:, 5:] + boxes[:, 1:2] - 1
+            points = torch.stack((points_x, points_y), dim=2)
+            boxes = bbreg(boxes, reg)
+            pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
+            boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
+
+    boxes, points, image_inds = boxes.cpu().numpy(), points.cpu().numpy(), image_inds.cpu().numpy()
+    return [(boxes[image_inds == i, :4], boxes[image_inds == i, 4], points[image_inds == i]) for i in range(len(batch))]
+
+
+def _summed_area_table(batch: np.ndarray, device):
+    """(n, height + 1, width + 1, 3): [k, r, c] is the sum of image k's pixels above row r and left of column c,
+    so any rectangle's sum is 4 lookups. Exact integers: int32 (half the memory traffic of float64, which the
+    lookups are bound by) unless an image's total could overflow it."""
+    import torch
+
+    depth = cv2.CV_32S if 255 * batch.shape[1] * batch.shape[2] < 2**31 else cv2.CV_64F
+    return torch.as_tensor(np.stack([cv2.integral(image, sdepth=depth) for image in batch]), device=device)
+
+
+def _box_crops(table, boxes, image_inds, size: int):
+    """The boxes facenet can crop, their image indices, and their crops resampled to size x size and scaled as
+    the nets expect. Boxes are cut as facenet cuts them (its `pad`); one wholly outside its image has no crop,
+    and facenet skips it."""
+    import torch
+    from facenet_pytorch.models.utils.detect_face import pad
+
+    height, width = table.shape[1] - 1, table.shape[2] - 1
+    y, ey, x, ex = (torch.as_tensor(edge, dtype=torch.long, device=boxes.device) for edge in pad(boxes, width, height))
+    inside = (ey > y - 1) & (ex > x - 1)
+    crops = area_resampled(table, image_inds[inside], y[inside] - 1, ey[inside], x[inside] - 1, ex[inside], size)
+    return boxes[inside], image_inds[inside], (crops - 127.5) * 0.0078125
+
+
+def area_resampled(table, image_inds, top, bottom, left, right, size: int):
+    """Crops [top:bottom, left:right] of the images whose `_summed_area_table` is `table`, each resampled to
+    (channels, size, size) float32 exactly as `interpolate(crop, mode="area")`, all crops at once.
+
+    Area resampling is adaptive average pooling: output cell i of n over L pixels averages pixels
+    floor(i * L / n) .. ceil((i + 1) * L / n) - 1. Each cell's sum is exact from the table; it is divided
+    in float32 by the cell's height, then its width, as PyTorch's pooling does, so results agree to the bit.
+    """
+    _, rows, cols, channels = table.shape
+    row_from, row_to = _cell_edges(top, bottom, size)
+    col_from, col_to = _cell_edges(left, right, size)
+    pixels, first_row = table.reshape(-1, channels), (image_inds * rows)[:, None, None]
+
+    def corner(row, col):
+        return pixels.index_select(0, ((first_row + row[:, :, None]) * cols + col[:, None, :]).flatten())
+
+    sums = corner(row_to, col_to) - corner(row_from, col_to) - corner(row_to, col_from) + corner(row_from, col_from)
+    means = sums.reshape(len(top), size, size, channels).float()
+    means = means / (row_to - row_from)[:, :, None, None] / (col_to - col_from)[:, None, :, None]
+    return means.permute(0, 3, 1, 2)
+
+
+def _cell_edges(start, end, size: int):
+    """First and one-past-last pixel of each of `size` output cells over each range [start, end)."""
+    import torch
+
+    cells, length = torch.arange(size + 1, device=start.device), (end - start)[:, None]
+    return start[:, None] + cells[:-1] * length // size, start[:, None] + (cells[1:] * length + size - 1) // size

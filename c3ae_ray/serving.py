@@ -49,6 +49,10 @@ logger = logging.getLogger("ray.serve")
 
 APP_NAME = "c3ae"
 SELF_TEST_TIMEOUT_S = 60.0  # the first health check's inference; replicas may still be loading
+LOST_REPLICA_ATTEMPTS = 3  # sends of one request while worker replicas die under it
+# How often Serve's controller checks each replica (its default is 10 s): a killed replica is replaced within
+# about this, where the default left requests waiting 11-16 s on a busy machine.
+HEALTH_CHECK_PERIOD_S = 2.0
 
 
 # ---- the two batching workers ----
@@ -122,8 +126,6 @@ class AgePredictor(_BatchingWorker):
 
 # ---- the ingress ----
 
-# ---- the ingress ----
-
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class AgeAPI:
@@ -149,12 +151,24 @@ class AgeAPI:
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
 
     async def infer(self, data: bytes, max_faces: int) -> ImageFaces:
-        """The inference path across the two workers: detector half, then model half, joined by `attach`."""
-        found = await self.finder.find.remote(data, self.limits.max_pixels, max_faces)
-        if isinstance(found, ImageFailure):
-            raise ApiError(failure_status(found.code), found.code, found.message)
-        outputs = await self.predictor.predict.remote(found.regions, found.boxes)
-        return attach([found], outputs)[0]
+        """The inference path across the two workers: detector half, then model half, joined by `attach`.
+
+        A worker replica lost mid-request (killed, out of memory, its node gone) costs the client nothing but
+        time: inference has no side effects, so the request is sent again, and Serve's router holds it until a
+        live or restarted replica takes it; the caller's deadline bounds the wait (504)."""
+        from ray.exceptions import RayActorError
+
+        for attempt in range(1, LOST_REPLICA_ATTEMPTS + 1):
+            try:
+                found = await self.finder.find.remote(data, self.limits.max_pixels, max_faces)
+                if isinstance(found, ImageFailure):
+                    raise ApiError(failure_status(found.code), found.code, found.message)
+                outputs = await self.predictor.predict.remote(found.regions, found.boxes)
+                return attach([found], outputs)[0]
+            except RayActorError as error:
+                logger.warning("a worker replica was lost mid-request (attempt %d of %d): %s", attempt,
+                               LOST_REPLICA_ATTEMPTS, type(error).__name__)
+        raise ApiError(503, "unavailable", "the model's workers are restarting; retry shortly", {"Retry-After": "2"})
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
@@ -283,13 +297,16 @@ def build_app(args: dict | ServeConfig):
     # fewer, the ingress's router backs off while the worker is full and small batch sizes collapse under load.
     workers_in_flight = max(2 * cfg.max_batch_size, 32)
     finder = FaceFinder.options(
-        max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}
+        max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     ).bind(model.crop, device, cfg.detector, **batching)
     predictor = AgePredictor.options(
-        max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share}
+        max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share},
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     ).bind(model_bytes, device, **batching)
     return AgeAPI.options(
-        user_config=to_dict(cfg.limits), max_ongoing_requests=max(256, 2 * cfg.limits.max_in_flight)
+        user_config=to_dict(cfg.limits), max_ongoing_requests=max(256, 2 * cfg.limits.max_in_flight),
+        health_check_period_s=HEALTH_CHECK_PERIOD_S,
     ).bind(finder, predictor, model_info, model.crop, hashlib.sha256(key.encode()).hexdigest() if key else None)
 
 
@@ -368,6 +385,9 @@ def serve_forever(cfg: ServeConfig) -> dict:
     # Serve's lines (a few per request and call at INFO) only from cfg.log_level; warnings and errors always
     quiet = LoggingConfig(log_level=cfg.log_level, enable_access_log=cfg.log_level in ("DEBUG", "INFO"))
     logging.getLogger("ray.serve").setLevel(cfg.log_level)
+    # A killed HTTP proxy is replaced after three failed health checks in a row: 30 s of refused connections at
+    # Serve's default period of 10 s, about 6 s at this one (it reaches the controller of a Ray started here).
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", str(HEALTH_CHECK_PERIOD_S))
     with ray_runtime():
         # After Ray's start-up, which installs its own SIGTERM handler: Ctrl-C and SIGTERM both shut down
         # cleanly, also when started from a script that ignores SIGINT in background jobs.

@@ -283,17 +283,50 @@ def make_folder(root: Path, utk_dir: Path, n: int = 8, labels: str | None = None
 def kill_ray_process(ray_session, title: str) -> int | None:
     """SIGKILL one process of this session's raylet whose title starts with `title` (Ray names its worker
     processes `ray::Class.method`), never one of another Ray on the machine. -> its pid, or None if none runs."""
-    raylet = ray_session._private.worker._global_node.all_processes["raylet"][0].process.pid
+    return kill_descendant(ray_session._private.worker._global_node.all_processes["raylet"][0].process.pid, title)
+
+
+def _processes() -> dict[int, tuple[int, bytes]]:
+    """pid -> (parent pid, command line) of every process now."""
+    table = {}
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
                 cmdline = (entry / "cmdline").read_bytes()
-                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                table[int(entry.name)] = (int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]), cmdline)
             except (OSError, IndexError, ValueError):
                 continue
-            if cmdline.startswith(title.encode()) and parent == raylet:
-                os.kill(int(entry.name), signal.SIGKILL)
-                return int(entry.name)
+    return table
+
+
+def descendants(root: int) -> dict[int, bytes]:
+    """pid -> command line of every process below `root` (a Ray started by a command: its raylet's workers)."""
+    table, found, frontier = _processes(), {}, {root}
+    while frontier:
+        children = {pid for pid, (parent, _) in table.items() if parent in frontier and pid not in found}
+        found.update({pid: table[pid][1] for pid in children})
+        frontier = children
+    return found
+
+
+def alive(pids) -> set[int]:
+    """Those of `pids` still running (a zombie, dead but not yet reaped, is not)."""
+    running = set()
+    for pid in pids:
+        try:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                running.add(pid)
+        except (OSError, IndexError):
+            pass
+    return running
+
+
+def kill_descendant(root: int, title: str) -> int | None:
+    """SIGKILL one process below `root` whose title starts with `title`. -> its pid, or None if none runs."""
+    for pid, cmdline in descendants(root).items():
+        if cmdline.startswith(title.encode()):
+            os.kill(pid, signal.SIGKILL)
+            return pid
     return None
 
 

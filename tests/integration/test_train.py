@@ -112,7 +112,7 @@ def test_a_killed_worker_is_restarted_from_the_latest_checkpoint(ray_session, fa
     out = tmp_path / "run"
     outcome = {}
     # An epoch from memory, with its checkpoint, takes about 2 s here: enough of them that the kill lands mid-run.
-    epochs = 15
+    epochs = 10
     thread = threading.Thread(target=lambda: outcome.update(summary=run(face_parquet, out, epochs=epochs, seed=2)))
     thread.start()
     deadline = time.time() + 300

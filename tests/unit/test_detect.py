@@ -6,7 +6,14 @@ import cv2
 import numpy as np
 import pytest
 
-from c3ae_ray.detect import DetectorConfig, FaceDetector, detection_scale
+from c3ae_ray.detect import (
+    DetectorConfig,
+    FaceDetector,
+    _box_crops,
+    _summed_area_table,
+    area_resampled,
+    detection_scale,
+)
 from c3ae_ray.images import decode_image
 
 
@@ -96,3 +103,34 @@ def test_tiny_images_have_no_faces(detector):
     images = [np.zeros((8, 30, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8), np.zeros((15, 3000, 3), np.uint8)]
     assert [len(f) for f in detector.detect(images)] == [0, 0, 0]
     assert [len(f) for f in FaceDetector("cpu", DetectorConfig(min_face_size=40)).detect([np.zeros((30, 90, 3), np.uint8)])] == [0]
+
+
+def test_batched_resampling_equals_facenets_interpolate_per_box():
+    import torch
+    from torch.nn.functional import interpolate
+
+    batch = np.random.default_rng(0).integers(0, 256, (2, 70, 90, 3), dtype=np.uint8)
+    imgs = torch.as_tensor(batch).permute(0, 3, 1, 2).float()  # facenet's layout: channels-last strides
+    edge_cases = [(0, 1, 0, 1), (69, 70, 89, 90), (0, 70, 0, 90), (0, 70, 5, 6), (3, 27, 0, 24), (10, 58, 42, 90),
+                  (0, 13, 77, 90), (60, 70, 0, 47), (1, 66, 2, 67), (5, 7, 30, 85)]  # 1 px, borders, =, <, > 24 and 48
+    rng = np.random.default_rng(1)
+    top, left = rng.integers(0, 69, 40), rng.integers(0, 89, 40)
+    random_boxes = zip(top, top + rng.integers(1, 71 - top), left, left + rng.integers(1, 91 - left))
+    boxes = torch.tensor(edge_cases + list(random_boxes))
+    image_inds = torch.arange(len(boxes)) % 2
+    table = _summed_area_table(batch, "cpu")
+    for size, table in [(24, table), (48, table), (48, table.double())]:  # float64: the table of huge images
+        batched = area_resampled(table, image_inds, *boxes.T, size)
+        for crop, k, (y0, y1, x0, x1) in zip(batched, image_inds, boxes.tolist()):
+            expected = interpolate(imgs[k, :, y0:y1, x0:x1].unsqueeze(0), size=(size, size), mode="area")[0]
+            torch.testing.assert_close(crop, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_boxes_wholly_outside_the_image_are_dropped_with_their_image_index():
+    import torch
+
+    batch = np.zeros((2, 30, 40, 3), np.uint8)
+    boxes = torch.tensor([[-20.0, -20, -5, -5, 0.9], [2, 3, 20, 21, 0.8], [45, 0, 60, 15, 0.7], [30, 20, 50, 40, 0.6]])
+    kept, image_inds, crops = _box_crops(_summed_area_table(batch, "cpu"), boxes, torch.tensor([0, 1, 0, 1]), 24)
+    assert kept[:, 4].tolist() == pytest.approx([0.8, 0.6]) and image_inds.tolist() == [1, 1]
+    assert crops.shape == (2, 3, 24, 24) and torch.all(crops == -127.5 * 0.0078125)

@@ -5,7 +5,7 @@ import torch
 
 from c3ae_ray.model import C3AE, c3ae_loss
 
-STEPS = 250
+STEPS = 150  # MAE 1.37-1.48 over seeds 0-2 (250 steps: 1.05-1.17); the bound is 2
 
 
 def overfit(seed: int) -> float:

@@ -1,0 +1,61 @@
+"""MTCNN detection speed, one thread: our `_detect_batch` (R-Net's and O-Net's inputs resampled for all boxes at
+once) against facenet-pytorch's `MTCNN.detect` (one `interpolate` per box), same channels-last networks.
+
+    .venv/bin/python benchmarks/detector_resampling.py [--images 400] [--batch 16] [--rounds 3]
+
+On the first N images (by name) of ../shared/data/utkface (200 x 200), decoded beforehand; rounds alternate
+stock, ours, stock, ours... Prints images/s of each round and the ratio of the medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from c3ae_ray.detect import FaceDetector, _detect_batch
+from c3ae_ray.images import decode_image
+
+UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
+
+
+def images_per_second(detect, batches: list[np.ndarray]) -> float:
+    start = time.perf_counter()
+    for batch in batches:
+        detect(batch)
+    return sum(map(len, batches)) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    images = [decode_image(path.read_bytes()) for path in sorted(UTKFACE.glob("*.jpg"))[: args.images]]
+    batches = [np.stack(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
+    mtcnn = FaceDetector("cpu").mtcnn
+    contenders = {
+        "facenet": lambda batch: mtcnn.detect(batch, landmarks=True),
+        "batched": lambda batch: _detect_batch(mtcnn, batch),
+    }
+    for detect in contenders.values():
+        detect(batches[0])  # warm-up
+    rates: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(args.rounds):
+        for name, detect in contenders.items():
+            rates[name].append(images_per_second(detect, batches))
+            print(f"round {round_ + 1} {name:8s} {rates[name][-1]:6.1f} images/s", flush=True)
+    old, new = statistics.median(rates["facenet"]), statistics.median(rates["batched"])
+    print(f"{len(images)} images, batches of {args.batch}: facenet {old:.1f}, batched {new:.1f} images/s, "
+          f"ratio {new / old:.2f}x (medians of {args.rounds} rounds)")
+
+
+if __name__ == "__main__":
+    main()
