@@ -1,10 +1,10 @@
 """Training: preprocessed Parquet -> Ray Train (V2) data-parallel workers -> RUN_DIR with model.pt.
 
-Ray Data reads the face rows, keeps the rows of the split (`faces.in_validation`) and decodes the region
-JPEGs into each worker's shard. A worker whose share fits in memory (`data_cache`) takes it once, as uint8
-tensors on its device, and feeds every epoch from there in a fresh random order, so after the first load
-the cores go to the model; a larger share is streamed and decoded again every epoch, in a random block
-order through a local shuffle buffer. `loop.train_epoch` cuts the three 64x64 crops on the worker's device
+Each worker keeps the rows of the split (`faces.in_validation`) and decodes the region JPEGs
+(`faces.decode_faces`). A worker whose share fits in memory (`data_cache`) reads it once, straight from the
+Parquet files, as uint8 tensors on its device, and feeds every epoch from there in a fresh random order, so
+after the first load the cores go to the model; a larger share is streamed by Ray Data and decoded again every
+epoch, in a random block order through a local shuffle buffer. `loop.train_epoch` cuts the three 64x64 crops on the worker's device
 (random box shift, rotation, flip, colour, erasing in one batched pass).
 
 RUN_DIR (a local path or s3://...):
@@ -133,21 +133,32 @@ def in_memory(cfg: TrainConfig, share_gib: float) -> bool:
 # --- the per-worker function: restore, then the loop epoch by epoch, reporting each ------------------------------
 
 
-def _load_shard(shard, device, region_size: int) -> dict:
-    """A worker's whole shard, decoded (`faces.decode_faces`), as tensors on `device` (read once)."""
-    parts = [{"region": np.zeros((0, region_size, region_size, 3), np.uint8), "boxes": np.zeros((0, N_SCALES, 4), np.float32),
-              "age": np.zeros(0, np.float32), "gender": np.zeros(0, np.int64), "ethnicity": np.zeros(0, np.int64)}]
-    parts += shard.iter_batches(batch_size=1024, batch_format="numpy", prefetch_batches=4)
-    return {name: torch.from_numpy(np.concatenate([part[name] for part in parts])).to(device) for name in parts[0]}
+def _read_share(location: str, split: str | None, val_fraction: float, rank: int, world: int, device) -> dict:
+    """Worker `rank`'s share (every world-th row) of one side of the split, read straight from the Parquet files
+    and decoded (`faces.decode_faces`) as tensors on `device`. Not through Ray Data: its pipeline's start-up (a
+    split coordinator, read and decode workers, per dataset) took 20-30 s of every small run here."""
+    data = open_faces(location)
+    table = data.read()
+    share = table.take(np.arange(rank, table.num_rows, world))
+    parts = (decode_faces(share.slice(start, 1024), split, val_fraction, data.crop) for start in range(0, share.num_rows, 1024))
+    return _tensors(parts, device, data.crop.region_size)
 
 
-def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, device):
-    """(epoch -> training batches, () -> validation batches, seconds spent loading) from the shards: held in
-    memory (loaded here, once per attempt), or streamed."""
+def _tensors(parts, device, region_size: int) -> dict:
+    """Decoded face columns in parts (`faces.decode_faces`) -> one tensor per column on `device` (empty if none)."""
+    empty = {"region": np.zeros((0, region_size, region_size, 3), np.uint8), "boxes": np.zeros((0, N_SCALES, 4), np.float32),
+             "age": np.zeros(0, np.float32), "gender": np.zeros(0, np.int64), "ethnicity": np.zeros(0, np.int64)}
+    parts = [empty, *parts]
+    return {name: torch.from_numpy(np.concatenate([part[name] for part in parts])).to(device) for name in empty}
+
+
+def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, world: int, device):
+    """(epoch -> training batches, () -> validation batches, seconds spent loading): from the faces held in
+    memory (read here, once per attempt), or streamed from Ray Data's shards."""
     import ray.train
 
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
     if not setup["in_memory"]:
+        train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
         return (
             lambda epoch: train_shard.iter_torch_batches(batch_size=cfg.batch_size, device=device, prefetch_batches=2,
                                                          local_shuffle_buffer_size=SHUFFLE_BUFFER),
@@ -155,7 +166,8 @@ def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, device):
             0.0,
         )
     started = time.perf_counter()
-    train_faces, val_faces = (_load_shard(shard, device, setup["region_size"]) for shard in (train_shard, val_shard))
+    train_faces, val_faces = (_read_share(location, split, cfg.val_fraction, rank, world, device)
+                              for location, split in (setup["sources"]["train"], setup["sources"]["val"]))
     train_rows, val_rows = torch.arange(len(train_faces["age"])), torch.arange(len(val_faces["age"]))
     if rank == 0:
         held = sum(t.nbytes for faces in (train_faces, val_faces) for t in faces.values()) / 2**30
@@ -215,7 +227,7 @@ def train_worker(setup: dict) -> None:
     model = ray.train.torch.prepare_model(model)
     if rank == 0 and state["epoch"]:
         logger.info("resuming after epoch %d (attempt %d)", state["epoch"], state["attempt"])
-    train_batches, val_batches, load_s = _epoch_feeds(setup, cfg, rank, device)
+    train_batches, val_batches, load_s = _epoch_feeds(setup, cfg, rank, world, device)
     for epoch in range(state["epoch"] + 1, cfg.epochs + 1):
         started = time.perf_counter()
         progress = _progress_logger(epoch, cfg.epochs, setup["train_faces"], world, rank, started)
@@ -355,7 +367,7 @@ def train(cfg: TrainConfig) -> dict:
         trainer = TorchTrainer(
             train_worker,
             train_loop_config={"config": to_dict(cfg), "init_state": init_state, "train_faces": data_summary["train"]["faces"],
-                               "in_memory": held, "region_size": data.crop.region_size},
+                               "in_memory": held, "sources": {name: (faces.location, split) for name, (faces, split) in sources.items()}},
             scaling_config=ray.train.ScalingConfig(
                 num_workers=cfg.workers, use_gpu=cfg.gpu, resources_per_worker=_worker_resources(cluster_shape(), cfg),
                 # GPU workers pack for fast NCCL; CPU workers spread over nodes for their cores and memory
@@ -368,8 +380,8 @@ def train(cfg: TrainConfig) -> dict:
                 logging_config=ray.train.LoggingConfig(log_level="WARNING"),  # not a line per report
                 checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_mae", checkpoint_score_order="min"),
             ),
-            datasets={name: face_dataset(faces, split, cfg.val_fraction, name == "train" and not held)
-                      for name, (faces, split) in sources.items()},
+            datasets={} if held else {name: face_dataset(faces, split, cfg.val_fraction, name == "train")
+                                      for name, (faces, split) in sources.items()},
         )
         try:
             result = trainer.fit()
