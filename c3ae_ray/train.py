@@ -4,8 +4,8 @@ Each worker keeps the rows of the split (`faces.in_validation`) and decodes the 
 (`faces.decode_faces`). A worker whose share fits in memory (`data_cache`) reads it once, straight from the
 Parquet files, as uint8 tensors on its device, and feeds every epoch from there in a fresh random order, so
 after the first load the cores go to the model; a larger share is streamed by Ray Data and decoded again every
-epoch, in a random block order through a local shuffle buffer. `loop.train_epoch` cuts the three 64x64 crops on the worker's device
-(random box shift, rotation, flip, colour, erasing in one batched pass).
+epoch, in a random block order through a local shuffle buffer. `loop.train_epoch` cuts the three 64x64 crops on
+the worker's device (random box shift, rotation, flip, colour, erasing in one batched pass).
 
 RUN_DIR (a local path or s3://...):
 
@@ -133,23 +133,25 @@ def in_memory(cfg: TrainConfig, share_gib: float) -> bool:
 # --- the per-worker function: restore, then the loop epoch by epoch, reporting each ------------------------------
 
 
-def _read_share(location: str, split: str | None, val_fraction: float, rank: int, world: int, device) -> dict:
-    """Worker `rank`'s share (every world-th row) of one side of the split, read straight from the Parquet files
-    and decoded (`faces.decode_faces`) as tensors on `device`. Not through Ray Data: its pipeline's start-up (a
-    split coordinator, read and decode workers, per dataset) took 20-30 s of every small run here."""
-    data = open_faces(location)
-    table = data.read()
-    share = table.take(np.arange(rank, table.num_rows, world))
-    parts = (decode_faces(share.slice(start, 1024), split, val_fraction, data.crop) for start in range(0, share.num_rows, 1024))
-    return _tensors(parts, device, data.crop.region_size)
-
-
-def _tensors(parts, device, region_size: int) -> dict:
-    """Decoded face columns in parts (`faces.decode_faces`) -> one tensor per column on `device` (empty if none)."""
-    empty = {"region": np.zeros((0, region_size, region_size, 3), np.uint8), "boxes": np.zeros((0, N_SCALES, 4), np.float32),
-             "age": np.zeros(0, np.float32), "gender": np.zeros(0, np.int64), "ethnicity": np.zeros(0, np.int64)}
-    parts = [empty, *parts]
-    return {name: torch.from_numpy(np.concatenate([part[name] for part in parts])).to(device) for name in empty}
+def _read_shares(sources: dict, val_fraction: float, rank: int, world: int, device) -> dict:
+    """{"train"|"val": worker `rank`'s share (every world-th row) of that side, decoded (`faces.decode_faces`) as
+    tensors on `device`}, read straight from the Parquet files (once per location: the hash split's two sides
+    share one). Not through Ray Data: its pipeline's start-up (a split coordinator, read and decode workers, per
+    dataset) took 20-30 s of every small run here."""
+    shares = {}
+    for location in {location for location, _ in sources.values()}:
+        data = open_faces(location)
+        table = data.read()
+        shares[location] = data, table.take(np.arange(rank, table.num_rows, world))
+    held = {}
+    for name, (location, split) in sources.items():
+        data, share = shares[location]
+        size = data.crop.region_size
+        parts = [{"region": np.zeros((0, size, size, 3), np.uint8), "boxes": np.zeros((0, N_SCALES, 4), np.float32),
+                  "age": np.zeros(0, np.float32), "gender": np.zeros(0, np.int64), "ethnicity": np.zeros(0, np.int64)}]
+        parts += [decode_faces(share.slice(start, 1024), split, val_fraction, data.crop) for start in range(0, share.num_rows, 1024)]
+        held[name] = {column: torch.from_numpy(np.concatenate([part[column] for part in parts])).to(device) for column in parts[0]}
+    return held
 
 
 def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, world: int, device):
@@ -166,8 +168,8 @@ def _epoch_feeds(setup: dict, cfg: TrainConfig, rank: int, world: int, device):
             0.0,
         )
     started = time.perf_counter()
-    train_faces, val_faces = (_read_share(location, split, cfg.val_fraction, rank, world, device)
-                              for location, split in (setup["sources"]["train"], setup["sources"]["val"]))
+    faces = _read_shares(setup["sources"], cfg.val_fraction, rank, world, device)
+    train_faces, val_faces = faces["train"], faces["val"]
     train_rows, val_rows = torch.arange(len(train_faces["age"])), torch.arange(len(val_faces["age"]))
     if rank == 0:
         held = sum(t.nbytes for faces in (train_faces, val_faces) for t in faces.values()) / 2**30
