@@ -1,10 +1,12 @@
-"""MTCNN detection speed, one thread: our `_detect_batch` (R-Net's and O-Net's inputs resampled for all boxes at
-once) against facenet-pytorch's `MTCNN.detect` (one `interpolate` per box), same channels-last networks.
+"""MTCNN detection speed, one thread: our `_detect_batch` (the pyramid's levels and R-Net's and O-Net's inputs
+for all boxes at once, from a summed-area table) against facenet-pytorch's `MTCNN.detect` (one `interpolate` per
+level and per box), same channels-last networks and settings.
 
-    .venv/bin/python benchmarks/detector_resampling.py [--images 400] [--batch 16] [--rounds 3]
+    .venv/bin/python benchmarks/detector_resampling.py [--images 400] [--batch 16] [--rounds 3] [--side 448]
 
-On the first N images (by name) of ../shared/data/utkface (200 x 200), decoded beforehand; rounds alternate
-stock, ours, stock, ours... Prints images/s of each round and the ratio of the medians.
+On the first N images (by name) of ../shared/data/utkface (200 x 200; --side: enlarged to side x side),
+decoded beforehand; rounds alternate stock, ours, stock, ours... Prints images/s of each round and the ratio
+of the medians.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import statistics
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import torch
 
@@ -35,10 +38,13 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--side", type=int, default=None, help="enlarge the images to side x side (bicubic)")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
     images = [decode_image(path.read_bytes()) for path in sorted(UTKFACE.glob("*.jpg"))[: args.images]]
+    if args.side:
+        images = [cv2.resize(image, (args.side, args.side), interpolation=cv2.INTER_CUBIC) for image in images]
     batches = [np.stack(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
     mtcnn = FaceDetector("cpu").mtcnn
     contenders = {
@@ -53,7 +59,7 @@ def main() -> None:
             rates[name].append(images_per_second(detect, batches))
             print(f"round {round_ + 1} {name:8s} {rates[name][-1]:6.1f} images/s", flush=True)
     old, new = statistics.median(rates["facenet"]), statistics.median(rates["batched"])
-    print(f"{len(images)} images, batches of {args.batch}: facenet {old:.1f}, batched {new:.1f} images/s, "
+    print(f"{len(images)} images of {images[0].shape[1]}x{images[0].shape[0]}, batches of {args.batch}: facenet {old:.1f}, batched {new:.1f} images/s, "
           f"ratio {new / old:.2f}x (medians of {args.rounds} rounds)")
 
 

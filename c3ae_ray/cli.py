@@ -60,9 +60,10 @@ class _Command:
         return self
 
     def detection_flags(self) -> "_Command":
-        """Where the detector runs and what counts as a face: the same two flags in every stage that detects."""
+        """Where the detector runs and what counts as a face: the same flags in every stage that detects."""
         return (self.flag("--device", "device", choices=DEVICES)
-                .flag("--min-face-score", "detector.min_face_score", "MTCNN probability for a face to count", type=float))
+                .flag("--min-face-score", "detector.min_face_score", "MTCNN probability for a face to count", type=float)
+                .flag("--min-face-size", "detector.min_face_size", "smallest face looked for, in pixels", type=_positive_int))
 
     def progress_flag(self) -> "_Command":
         """The batch stages' progress line interval."""

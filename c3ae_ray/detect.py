@@ -6,8 +6,9 @@ Two things make it fit for a pipeline:
   slow and gain nothing), and their boxes and landmarks are scaled back to the original pixels.
 - Speed on CPU: the three networks run in channels-last memory format, where PyTorch's max-pooling is
   vectorised. Results are the same (boxes within 1e-4 px) and detection is about 1.6x faster per thread.
-  R-Net's and O-Net's inputs are resampled for all candidate boxes at once from a summed-area table
-  (`_detect_batch`), not box by box as facenet-pytorch does.
+  The image pyramid and R-Net's and O-Net's inputs (all candidate boxes at once) are resampled from one
+  summed-area table per batch (`_detect_batch`), not level by level and box by box with `interpolate` as
+  facenet-pytorch does; bit for bit the same values.
 """
 
 from __future__ import annotations
@@ -26,8 +27,12 @@ class DetectorConfig:
     """What counts as a face, the same in every stage."""
 
     min_face_score: float = 0.9  # MTCNN's probability for a detection to count as a face
-    min_face_size: int = 20  # facenet-pytorch's defaults
-    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)
+    # The smallest face looked for, in pixels of the image as detected. A face under 32 px tells the age model
+    # little (its box is sampled up to 64 px), and MTCNN's pyramid starts at 12 / min_face_size of the image:
+    # 32 instead of facenet-pytorch's 20 does about a third of P-Net's work, for the same age error and faces
+    # found (benchmarks/min_face_size.py). Set 20 to find smaller faces in crowds.
+    min_face_size: int = 32
+    thresholds: tuple[float, float, float] = (0.6, 0.7, 0.7)  # facenet-pytorch's defaults
     factor: float = 0.709
     max_side: int = 1280  # longer side above this is shrunk for detection only
 
@@ -141,8 +146,9 @@ def _faces(boxes, scores, points, scale: np.ndarray) -> Faces:
 
 def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """facenet-pytorch's `detect_face` and `MTCNN.detect` (keep_all, select_largest=False) with the same results,
-    but R-Net's and O-Net's inputs are resampled for all candidate boxes at once (`_box_crops`): facenet's
-    `interpolate` call per box was over a quarter of detection time on 200 x 200 images.
+    but the pyramid's levels (`whole_images_resampled`) and R-Net's and O-Net's inputs for all candidate boxes
+    at once (`_box_crops`) come from a summed-area table: facenet's `interpolate` call per box was over a quarter
+    of detection time on 200 x 200 images, its pyramid a quarter on 448 x 448 ones.
 
     batch: (n, height, width, 3) uint8 RGB -> per image (boxes (k, 4), scores (k,), landmarks (k, 5, 2)) float32.
     """
@@ -152,7 +158,6 @@ def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
         bbreg,
         fixed_batch_process,
         generateBoundingBox,
-        imresample,
         rerec,
     )
     from torchvision.ops import batched_nms
@@ -167,10 +172,13 @@ def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
             scales.append(scale)
             scale, smallest_side = scale * mtcnn.factor, smallest_side * mtcnn.factor
 
-        # P-Net on the image pyramid; NMS within each scale and image, then within each image
+        # P-Net on the image pyramid, each level resampled from the summed-area table (facenet's `imresample`,
+        # bit for bit, several times faster); NMS within each scale and image, then within each image
+        table = _summed_area_table(batch, imgs.device)
         boxes, image_inds, picks, offset = [], [], [], 0
         for scale in scales:
-            pyramid_level = imresample(imgs, (int(height * scale + 1), int(width * scale + 1)))
+            size = (int(height * scale + 1), int(width * scale + 1))
+            pyramid_level = whole_images_resampled(table, size)
             reg, probs = mtcnn.pnet((pyramid_level - 127.5) * 0.0078125)
             scale_boxes, scale_image_inds = generateBoundingBox(reg, probs[:, 1], scale, mtcnn.thresholds[0])
             picks.append(batched_nms(scale_boxes[:, :4], scale_boxes[:, 4], scale_image_inds, 0.5) + offset)
@@ -187,7 +195,6 @@ def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
         boxes = rerec(torch.stack([*corners, boxes[:, 4]], dim=1))
 
         # R-Net refines the candidates
-        table = _summed_area_table(batch, imgs.device)
         boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 24)
         if len(boxes) > 0:
             reg, probs = fixed_batch_process(crops, mtcnn.rnet)
@@ -260,6 +267,22 @@ def area_resampled(table, image_inds, top, bottom, left, right, size: int):
     sums = corner(row_to, col_to) - corner(row_from, col_to) - corner(row_to, col_from) + corner(row_from, col_from)
     means = sums.reshape(len(top), size, size, channels).float()
     means = means / (row_to - row_from)[:, :, None, None] / (col_to - col_from)[:, None, :, None]
+    return means.permute(0, 3, 1, 2)
+
+
+def whole_images_resampled(table, size: tuple[int, int]):
+    """The images whose `_summed_area_table` is `table`, resampled to (channels, height, width) exactly as
+    `interpolate(images, size, mode="area")` (one pyramid level): every cell's sum from two gathers of whole
+    rows, then two of columns, so the work is proportional to the level's size, not four lookups per cell."""
+    import torch
+
+    _, rows, cols, _ = table.shape
+    device = table.device
+    row_from, row_to = _cell_edges(torch.zeros(1, dtype=torch.long, device=device), torch.tensor([rows - 1], device=device), size[0])
+    col_from, col_to = _cell_edges(torch.zeros(1, dtype=torch.long, device=device), torch.tensor([cols - 1], device=device), size[1])
+    strips = table.index_select(1, row_to[0]) - table.index_select(1, row_from[0])  # (n, height, cols, channels)
+    sums = strips.index_select(2, col_to[0]) - strips.index_select(2, col_from[0])
+    means = sums.float() / (row_to - row_from)[0][None, :, None, None] / (col_to - col_from)[0][None, None, :, None]
     return means.permute(0, 3, 1, 2)
 
 

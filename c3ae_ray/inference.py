@@ -25,7 +25,7 @@ from c3ae_ray.config import resolve_device
 from c3ae_ray.crops import N_SCALES, CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig, FaceDetector, Faces
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
-from c3ae_ray.model import C3AE, load_model, model_crop, model_identity
+from c3ae_ray.model import C3AE, for_inference, load_model, model_crop, model_identity
 
 
 @dataclass(frozen=True)
@@ -178,8 +178,8 @@ class AgeModel:
 
     def __init__(self, model_source, device: str = "auto", name: str | None = None):
         self.device = resolve_device(device)
-        self.model, self.payload = load_model(model_source, name=name)
-        self.model.to(self.device)
+        model, self.payload = load_model(model_source, name=name)
+        self.model = for_inference(model).to(self.device)
         self.crop = model_crop(self.payload)
         self.identity = model_identity(self.payload, name or (model_source if isinstance(model_source, (str, Path)) else "model"))
         self.bins = self.model.cfg.bins.tolist()

@@ -12,6 +12,7 @@ from c3ae_ray.detect import (
     _box_crops,
     _summed_area_table,
     area_resampled,
+    whole_images_resampled,
     detection_scale,
 )
 from c3ae_ray.images import decode_image
@@ -54,20 +55,33 @@ def test_mixed_size_batch_equals_one_image_at_a_time(detector, photos):
         np.testing.assert_allclose(alone.boxes, together.boxes, atol=1e-3)
 
 
-def test_equal_size_images_in_one_batch_match_alone(detector, shared_data):
-    paths = sorted((shared_data / "utkface").glob("*.jpg"))[:6]
-    images = [decode_image(p.read_bytes()) for p in paths]
+def test_equal_size_images_in_one_batch_find_the_faces_they_find_alone(detector, shared_data):
+    # R-Net's and O-Net's answers differ in the last bit with the batch's make-up (1e-7), and on faces that fill
+    # the image many candidates score 0.9999999: NMS may then keep a neighbour of the box found alone. Same
+    # faces, same scores, boxes that overlap; not always the same to the bit.
+    from torchvision.ops import box_iou
+    import torch
+
+    paths = sorted((shared_data / "utkface").glob("*.jpg"))[:12]
+    images = []  # each face 20 px further on a 440 x 440 canvas: an answer given to the wrong image cannot pass
+    for k, path in enumerate(paths):
+        canvas = np.full((440, 440, 3), 128, np.uint8)
+        y, x = 20 * k, 220 - 20 * k
+        canvas[y:y + 200, x:x + 200] = decode_image(path.read_bytes())
+        images.append(canvas)
     batched = detector.detect(images)
     for image, together in zip(images, batched):
         alone = detector.detect([image])[0]
-        np.testing.assert_allclose(alone.boxes, together.boxes, atol=1e-3)
+        assert len(alone) == len(together)
         np.testing.assert_allclose(alone.scores, together.scores, atol=1e-5)
+        overlap = box_iou(torch.as_tensor(alone.boxes), torch.as_tensor(together.boxes)).diagonal()
+        assert torch.all(overlap > 0.8), overlap
 
 
 def test_channels_last_networks_give_stock_facenet_results(detector, photos):
     from facenet_pytorch import MTCNN
 
-    stock = MTCNN(keep_all=True, select_largest=False, device="cpu")
+    stock = MTCNN(keep_all=True, select_largest=False, device="cpu", min_face_size=detector.cfg.min_face_size)
     boxes, scores, points = stock.detect(photos["multiface.jpg"], landmarks=True)
     ours = detector.detect([photos["multiface.jpg"]])[0]
     order = np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
@@ -99,7 +113,7 @@ def test_non_square_scale_maps_each_axis(photos):
 
 
 def test_tiny_images_have_no_faces(detector):
-    # 8 px: under P-Net's window; 15 x 3000: a strip under min_face_size (20) even before it is shrunk
+    # 8 px: under P-Net's window; 15 x 3000: a strip under min_face_size (32) even before it is shrunk
     images = [np.zeros((8, 30, 3), np.uint8), np.full((64, 64, 3), 200, np.uint8), np.zeros((15, 3000, 3), np.uint8)]
     assert [len(f) for f in detector.detect(images)] == [0, 0, 0]
     assert [len(f) for f in FaceDetector("cpu", DetectorConfig(min_face_size=40)).detect([np.zeros((30, 90, 3), np.uint8)])] == [0]
@@ -124,6 +138,17 @@ def test_batched_resampling_equals_facenets_interpolate_per_box():
         for crop, k, (y0, y1, x0, x1) in zip(batched, image_inds, boxes.tolist()):
             expected = interpolate(imgs[k, :, y0:y1, x0:x1].unsqueeze(0), size=(size, size), mode="area")[0]
             torch.testing.assert_close(crop, expected, rtol=1e-6, atol=1e-5)
+
+
+def test_pyramid_levels_equal_facenets_imresample():
+    import torch
+    from facenet_pytorch.models.utils.detect_face import imresample
+
+    batch = np.random.default_rng(2).integers(0, 256, (3, 75, 131, 3), dtype=np.uint8)
+    imgs = torch.as_tensor(batch).permute(0, 3, 1, 2).float()  # as `_detect_batch` holds them
+    table = _summed_area_table(batch, "cpu")
+    for size in [(46, 81), (33, 57), (12, 12), (75, 131), (90, 140)]:  # shrinking, whole, enlarging (levels >= 12 px)
+        assert torch.equal(whole_images_resampled(table, size), imresample(imgs, size))
 
 
 def test_boxes_wholly_outside_the_image_are_dropped_with_their_image_index():

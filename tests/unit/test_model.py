@@ -16,6 +16,7 @@ from c3ae_ray.model import (
     c3ae_loss,
     count_parameters,
     encode_age,
+    for_inference,
     gaussian,
     load_model,
     save_model,
@@ -275,3 +276,30 @@ def test_an_ensemble_file_round_trip_and_its_refusals(tmp_path):
         torch.save(tampered, tmp_path / "tampered.pt")
         with pytest.raises(ValueError, match=message):
             load_model(tmp_path / "tampered.pt")
+
+
+@pytest.mark.parametrize("members", [None, 2])
+def test_for_inference_folds_batch_norm_and_answers_as_the_model_does(members):
+    torch.manual_seed(0)
+    cfg = ModelConfig(gender_head=True, mirror_average=True)
+    model = C3AE(cfg) if members is None else Ensemble(cfg, members)
+    for norm in (m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)):  # statistics as training leaves them
+        norm.running_mean.uniform_(-2, 2), norm.running_var.uniform_(0.2, 3), norm.weight.data.uniform_(0.5, 2), norm.bias.data.uniform_(-1, 1)
+    model.eval()
+    folded = for_inference(model)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 4 * (members or 1)  # the model is untouched
+    crops = torch.randint(0, 256, (5, 3, 3, 64, 64), dtype=torch.uint8)
+    with torch.inference_mode():
+        expected, answer = model(crops), folded(crops)
+    torch.testing.assert_close(answer.age, expected.age, atol=1e-4, rtol=0)
+    torch.testing.assert_close(answer.distribution, expected.distribution, atol=1e-5, rtol=0)
+    torch.testing.assert_close(answer.p_female(), expected.p_female(), atol=1e-5, rtol=0)
+
+
+def test_the_bundled_model_folded_answers_within_a_ten_thousandth_of_a_year():
+    model, _ = load_model(BUNDLED_MODEL)
+    crops = torch.randint(0, 256, (16, 3, 3, 64, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        difference = (for_inference(model)(crops).age - model(crops).age).abs().max().item()
+    assert difference < 1e-4
