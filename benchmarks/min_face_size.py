@@ -6,9 +6,10 @@ default and ours before 32) in the same run.
 
 Images: the validation faces of ../shared/data/utkface (the hash split training holds out, so the bundled
 model never trained on them; 200 x 200), and the same enlarged to 448 x 448 (the size of FairFace's photos).
-One thread, one image per call, as `benchmarks/peer_speed.py`, the settings in turns image by image. Age error and gender accuracy: the most confident face's
-answers against the file name's labels. The pyramid starts at 12 / min_face_size of the image, so 32 px does about a third of
-20 px's P-Net work; a face under 32 px is sampled up to 64 px for the model and tells it little.
+One thread, one image per call, as `benchmarks/peer_speed.py`, the settings in turns image by image. Age error
+and gender accuracy: the most confident face's answers against the file name's labels. The pyramid starts at
+12 / min_face_size of the image, so 32 px does about a third of 20 px's P-Net work; a face under 32 px is
+sampled up to 64 px for the model and tells it little.
 """
 
 from __future__ import annotations

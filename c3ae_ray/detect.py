@@ -163,7 +163,7 @@ def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
     from torchvision.ops import batched_nms
 
     with torch.no_grad():
-        imgs = torch.as_tensor(batch, device=mtcnn.device).permute(0, 3, 1, 2).float()
+        device = mtcnn.device
         height, width = batch.shape[1:3]
         scale = 12.0 / mtcnn.min_face_size
         smallest_side = min(height, width) * scale
@@ -174,7 +174,7 @@ def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
 
         # P-Net on the image pyramid, each level resampled from the summed-area table (facenet's `imresample`,
         # bit for bit, several times faster); NMS within each scale and image, then within each image
-        table = _summed_area_table(batch, imgs.device)
+        table = _summed_area_table(batch, device)
         boxes, image_inds, picks, offset = [], [], [], 0
         for scale in scales:
             size = (int(height * scale + 1), int(width * scale + 1))
@@ -205,7 +205,7 @@ def _detect_batch(mtcnn, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray
             boxes, image_inds = rerec(bbreg(boxes[pick], reg[pick])), image_inds[pick]
 
         # O-Net scores the faces and places the landmarks
-        points = torch.zeros(0, 5, 2, device=imgs.device)
+        points = torch.zeros(0, 5, 2, device=device)
         boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 48)
         if len(boxes) > 0:
             reg, points, probs = fixed_batch_process(crops, mtcnn.onet)
@@ -276,13 +276,12 @@ def whole_images_resampled(table, size: tuple[int, int]):
     rows, then two of columns, so the work is proportional to the level's size, not four lookups per cell."""
     import torch
 
-    _, rows, cols, _ = table.shape
-    device = table.device
-    row_from, row_to = _cell_edges(torch.zeros(1, dtype=torch.long, device=device), torch.tensor([rows - 1], device=device), size[0])
-    col_from, col_to = _cell_edges(torch.zeros(1, dtype=torch.long, device=device), torch.tensor([cols - 1], device=device), size[1])
-    strips = table.index_select(1, row_to[0]) - table.index_select(1, row_from[0])  # (n, height, cols, channels)
-    sums = strips.index_select(2, col_to[0]) - strips.index_select(2, col_from[0])
-    means = sums.float() / (row_to - row_from)[0][None, :, None, None] / (col_to - col_from)[0][None, None, :, None]
+    zero = torch.zeros(1, dtype=torch.long, device=table.device)
+    (row_from, row_to), (col_from, col_to) = ([edges[0] for edges in _cell_edges(zero, zero + pixels, cells)]
+                                              for pixels, cells in zip((table.shape[1] - 1, table.shape[2] - 1), size))
+    strips = table.index_select(1, row_to) - table.index_select(1, row_from)  # (n, height, cols, channels)
+    sums = strips.index_select(2, col_to) - strips.index_select(2, col_from)
+    means = sums.float() / (row_to - row_from)[None, :, None, None] / (col_to - col_from)[None, None, :, None]
     return means.permute(0, 3, 1, 2)
 
 
