@@ -6,8 +6,14 @@ In one run, on the first 256 images (by name) of ../shared/data/utkface (200 x 2
 - the limit: one process running `Estimator` (MTCNN, crops, C3AE; torch's default threads) on the decoded
   images in batches of 16, with no HTTP, no Ray and no JSON: images/s;
 - `c3ae serve` (its own local Ray, started as a user starts it) with batching (--max-batch-size 16), then
-  with batches of 1; for each, closed-loop clients at concurrency 1, 8 and 32 for --seconds each:
-  requests/s, p50/p95/p99 latency and errors (any answer but 200);
+  with batches of 1, then with batching and two workers (detector, then model: `split_workers`, the GPU
+  topology; on CPUs `c3ae serve` runs one worker that does both), then with batching under Serve's default
+  settings (`c3ae serve` turns on Serve's high-throughput mode, `serving.high_throughput_settings`: here both
+  switches =0); for each, closed-loop clients at concurrency 1, 8 and 32 for --seconds each: requests/s,
+  p50/p95/p99 latency and errors (any answer but 200);
+- with --settings-one-at-a-time, two more: the high-throughput mode without HAProxy (Serve's Python proxy),
+  and without gRPC between deployments (each switch on its own). Rows later in a run came out faster
+  (order, not setting, in two runs): confirm a difference with alternating runs;
 - memory: the server's whole process tree (Ray included) after 1,000 and after --memory-requests requests
   (batching, concurrency 8).
 Goals on the 2-core machine: at concurrency 32 at least 70% of the limit; batching at least 1.5x batch size 1;
@@ -87,13 +93,16 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, seconds: 
     return {"rps": len(latencies) / elapsed, "p50": p50, "p95": p95, "p99": p99, "errors": errors, "n": len(latencies)}
 
 
-def start_server(model: str, port: int, batch: int, max_in_flight: int | None = 256) -> subprocess.Popen:
-    """`c3ae serve` on loopback, once healthy; max_in_flight None keeps the command's default (64)."""
+def start_server(model: str, port: int, batch: int, max_in_flight: int | None = 256, env: dict | None = None,
+                 config: str | None = None) -> subprocess.Popen:
+    """`c3ae serve` on loopback, once healthy; max_in_flight None keeps the command's default (64); `env` is
+    added to this process's environment (Ray's processes read Serve's settings from it); `config` a --config
+    YAML."""
     command = [str(Path(sys.executable).with_name("c3ae")), "serve", "--model", model, "--port", str(port),
-               "--device", "cpu", "--max-batch-size", str(batch)]
+               "--device", "cpu", "--max-batch-size", str(batch), *(["--config", config] if config else [])]
     if max_in_flight is not None:
         command += ["--max-in-flight", str(max_in_flight)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         try:
@@ -119,6 +128,8 @@ def main() -> None:
     parser.add_argument("--model", help="a model.pt (default: an untrained C3AE)")
     parser.add_argument("--memory-requests", type=int, default=10_000, help="requests before the second memory reading")
     parser.add_argument("--port", type=int, default=8765)
+    parser.add_argument("--settings-one-at-a-time", action="store_true",
+                        help="also serve without HAProxy, then without gRPC between deployments")
     parser.add_argument("--limit", nargs=3, metavar=("PATHS_FILE", "MODEL", "SECONDS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.limit:
@@ -139,12 +150,22 @@ def main() -> None:
         limit_rate = json.loads(printed.strip().splitlines()[-1])["images_per_s"]
         print(f"in-process limit (Estimator, batches of 16, no HTTP): {limit_rate:.1f} images/s")
 
-        results: dict[tuple[int, int], dict] = {}
+        split = Path(tmp) / "split.yaml"
+        split.write_text("split_workers: true\n")
+        servers = {  # name -> (batch size, Serve's settings, --config)
+            "batching": (16, {}, None), "batch size 1": (1, {}, None),
+            "batching, two workers": (16, {}, str(split)),
+            "batching, Serve's default settings": (16, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "0", "RAY_SERVE_ENABLE_HA_PROXY": "0"}, None),
+        }
+        if args.settings_one_at_a_time:
+            servers["batching, no HAProxy"] = (16, {"RAY_SERVE_ENABLE_HA_PROXY": "0"}, None)
+            servers["batching, no gRPC between deployments"] = (16, {"RAY_SERVE_USE_GRPC_BY_DEFAULT": "0"}, None)
+        results: dict[tuple[str, int], dict] = {}
         memory = {}
-        for batch in (16, 1):
-            server = start_server(model, args.port, batch)
+        for name, (batch, env, config) in servers.items():
+            server = start_server(model, args.port, batch, env=env, config=config)
             try:
-                if batch == 16 and args.memory_requests:  # first, so that the counts are requests since start
+                if name == "batching" and args.memory_requests:  # first, so that the counts are requests since start
                     asyncio.run(closed_loop(url, bodies, 8, requests_total=1000))
                     memory[1000] = tree_rss(server.pid)
                     asyncio.run(closed_loop(url, bodies, 8, requests_total=args.memory_requests - 1000))
@@ -153,20 +174,29 @@ def main() -> None:
                     asyncio.run(closed_loop(url, bodies, 8, seconds=3))  # warm-up
                 for level in LEVELS:
                     result = asyncio.run(closed_loop(url, bodies, level, seconds=args.seconds))
-                    results[batch, level] = result
-                    print(f"batch {batch:2d}, concurrency {level:2d}: {result['rps']:6.1f} req/s, p50 {result['p50']:6.0f} ms, "
+                    results[name, level] = result
+                    print(f"{name}, concurrency {level:2d}: {result['rps']:6.1f} req/s, p50 {result['p50']:6.0f} ms, "
                           f"p95 {result['p95']:6.0f} ms, p99 {result['p99']:6.0f} ms, errors {result['errors']} of {result['n']}", flush=True)
                 stats = requests.get(f"{url}/v1/stats", timeout=30).json()
-                print(f"  batch sizes seen (size: batches): detector {stats['face_finder']['batches']}, "
-                      f"model {stats['age_predictor']['batches']}", flush=True)
+                seen = {worker: stats[worker]["batches"] for worker in ("age_estimator", "face_finder", "age_predictor") if worker in stats}
+                print(f"  batch sizes seen by one replica of each worker (size: batches): {seen}", flush=True)
             finally:
                 stop_server(server)
 
-    top = results[16, 32]["rps"]
-    print(f"concurrency 32 with batching: {top:.1f} req/s = {top / limit_rate:.0%} of the in-process limit (goal >= 70%)")
+    for name in servers:
+        if name != "batch size 1":
+            top = results[name, 32]["rps"]
+            print(f"concurrency 32, {name}: {top:.1f} req/s = {top / limit_rate:.0%} of the in-process limit (goal >= 70%)")
     for level in LEVELS:
-        print(f"batching vs batch size 1 at concurrency {level:2d}: {results[16, level]['rps'] / results[1, level]['rps']:.2f}x (goal >= 1.5x)")
-    eight = results[16, 8]
+        print(f"batching vs batch size 1 at concurrency {level:2d}: {results['batching', level]['rps'] / results['batch size 1', level]['rps']:.2f}x (goal >= 1.5x)")
+    default = "batching, Serve's default settings"
+    for level in LEVELS:
+        print(f"one worker vs two at concurrency {level:2d}: "
+              f"{results['batching', level]['rps'] / results['batching, two workers', level]['rps']:.2f}x")
+    for level in LEVELS:
+        print(f"high-throughput mode vs Serve's default settings at concurrency {level:2d}: "
+              f"{results['batching', level]['rps'] / results[default, level]['rps']:.2f}x")
+    eight = results["batching", 8]
     print(f"p99 / p50 at concurrency 8 with batching: {eight['p99'] / eight['p50']:.2f} (goal <= 3)")
     if memory:
         (n1, m1), (n2, m2) = sorted(memory.items())

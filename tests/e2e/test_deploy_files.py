@@ -63,9 +63,14 @@ def test_kuberay_manifests_have_their_required_fields(name):
     else:
         from ray.serve.schema import ServeDeploySchema
 
+        from c3ae_ray.serving import HIGH_THROUGHPUT_MODE
+
         served = yaml.safe_load(spec["serveConfigV2"])
         assert served == load("serve/c3ae_gpu.yaml")  # the same Serve config as `serve deploy` uses
         ServeDeploySchema.model_validate(served)
+        for group in groups:  # Serve's high-throughput mode on every pod, as `c3ae serve` runs it
+            for container in group["template"]["spec"]["containers"]:
+                assert {env["name"]: env["value"] for env in container["env"]}.items() >= HIGH_THROUGHPUT_MODE.items()
 
 
 def test_the_dockerfile_installs_like_the_cluster_and_the_makefile():
@@ -100,10 +105,11 @@ def test_the_serve_configs_pass_serves_schema_and_match_the_app(name, monkeypatc
     cfg = build(ServeConfig, app.args, "serve args")  # every arg is one the app knows
     assert cfg.device == ("cpu" if "cpu" in name else "cuda")
     deployments = {d.name: d for d in app.deployments}
-    assert set(deployments) == {"AgeAPI", "FaceFinder", "AgePredictor"}
+    workers = ("FaceFinder", "AgePredictor") if "gpu" in name else ("AgeEstimator",)  # build_app's choice by device
+    assert set(deployments) == {"AgeAPI", *workers}
     assert set(deployments["AgeAPI"].user_config) == {f.name for f in fields(Limits)}
-    for worker in ("FaceFinder", "AgePredictor"):
+    for worker in workers:
         assert deployments[worker].max_ongoing_requests >= cfg.max_batch_size  # else Serve caps the batches
         assert deployments[worker].autoscaling_config["max_replicas"] > 1
     if "gpu" in name:
-        assert all(deployments[w].ray_actor_options.num_gpus > 0 for w in ("FaceFinder", "AgePredictor"))
+        assert all(deployments[w].ray_actor_options.num_gpus > 0 for w in workers)

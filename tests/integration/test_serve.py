@@ -37,7 +37,8 @@ def served(ray_session):
     (a two-worker run waits forever otherwise)."""
     from ray import serve
 
-    cfg = ServeConfig(model=str(BUNDLED_MODEL), device="cpu", port=free_port(), max_batch_size=8)
+    # one replica of the worker, so that /v1/stats counts every batch (it asks one replica)
+    cfg = ServeConfig(model=str(BUNDLED_MODEL), device="cpu", port=free_port(), max_batch_size=8, replicas=1)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
     url = f"http://{cfg.host}:{cfg.port}"
@@ -88,6 +89,25 @@ def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, s
         assert len(body["model"]["version"]) == 12 and body["request_id"]
         assert answer.headers["x-request-id"] == body["request_id"]
         assert body["image"] == dict(zip(("width", "height"), Image.open(faces / name).size))
+
+
+def test_two_workers_the_gpu_topology_give_the_one_workers_answers(served, shared_data):
+    """`split_workers`: the detector half, then the model half, in two deployments (the default on GPUs), here
+    on the CPU: the same faces and ages as the one worker, and each half counts the batches it ran."""
+    url, cfg = served
+    photos = [(shared_data / "faces" / name).read_bytes() for name in ("multiface.jpg", "ivan.jpg", "no-faces.jpg")]
+    one_worker = [post_image(url, data).json()["faces"] for data in photos]
+    redeploy(replace(cfg, split_workers=True))
+    try:
+        two_workers = [post_image(url, data).json()["faces"] for data in photos]
+        stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+    finally:
+        redeploy(cfg)
+    assert "age_estimator" not in stats and all(stats[w]["batches"] for w in ("face_finder", "age_predictor"))
+    assert [len(faces) for faces in two_workers] == [len(faces) for faces in one_worker] == [6, 1, 0]
+    for two, one in zip(sum(two_workers, []), sum(one_worker, [])):
+        np.testing.assert_allclose(two["box"], one["box"], atol=0.06)
+        assert abs(two["age"] - one["age"]) <= 0.05 and two["gender"] == one["gender"]
 
 
 def test_raw_multipart_and_json_bodies_give_the_same_answer_and_max_faces_caps_it(served, shared_data):
@@ -188,7 +208,8 @@ def test_concurrent_requests_share_batches(served, shared_data):
         answers = list(pool.map(lambda data: post_image(url, data), images))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
     after = requests.get(f"{url}/v1/stats", timeout=30).json()
-    for worker in ("face_finder", "age_predictor"):
+    assert {"face_finder", "age_predictor"}.isdisjoint(after)  # on CPUs one worker detects and estimates
+    for worker in ("age_estimator",):
         new = {int(size): n - before[worker]["batches"].get(size, 0) for size, n in after[worker]["batches"].items()}
         assert sum(size * n for size, n in new.items()) == 24, (worker, new)
         assert max(size for size, n in new.items() if n > 0) > 1, f"{worker} only saw batches of 1: {new}"
