@@ -1,6 +1,7 @@
 """MTCNN detection speed, one thread: our `_detect_batch` (the pyramid's levels and R-Net's and O-Net's inputs
 for all boxes at once, from a summed-area table) against facenet-pytorch's `MTCNN.detect` (one `interpolate` per
-level and per box), same channels-last networks and settings.
+level and per box), the same PyTorch networks (facenet-pytorch's modules; `c3ae` runs them in ONNX Runtime on
+CPUs, which this leaves out) and settings.
 
     .venv/bin/python benchmarks/detector_resampling.py [--images 400] [--batch 16] [--rounds 3] [--side 448]
 
@@ -20,7 +21,7 @@ import cv2
 import numpy as np
 import torch
 
-from c3ae_ray.detect import FaceDetector, _detect_batch
+from c3ae_ray.detect import FaceDetector, Networks, _detect_batch
 from c3ae_ray.images import decode_image
 
 UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "data" / "utkface"
@@ -47,9 +48,10 @@ def main() -> None:
         images = [cv2.resize(image, (args.side, args.side), interpolation=cv2.INTER_CUBIC) for image in images]
     batches = [np.stack(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
     mtcnn = FaceDetector("cpu").mtcnn
+    torch_networks = Networks(mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
     contenders = {
         "facenet": lambda batch: mtcnn.detect(batch, landmarks=True),
-        "batched": lambda batch: _detect_batch(mtcnn, batch),
+        "batched": lambda batch: _detect_batch(mtcnn, torch_networks, batch),
     }
     for detect in contenders.values():
         detect(batches[0])  # warm-up

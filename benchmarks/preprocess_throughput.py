@@ -5,7 +5,7 @@
 On the first N images (by path) of ../shared/data/utkface, in one run:
 - baseline A: stock facenet-pytorch MTCNN in one process (torch's default threads), decode + detect per image;
 - baseline B: the same in batches of 32 (the goal's reference);
-- also: our FaceDetector (channels-last networks) in one process, batches of 32, to separate the two gains;
+- also: our FaceDetector (ONNX Runtime networks on CPUs) in one process, batches of 32, to separate the two gains;
 - `c3ae preprocess --dataset utkface --limit N` as a user runs it (Ray start-up, actor pool, Parquet, summary).
 Prints images/s, the ratios and peak memory (the pipeline's is the sum over Ray's processes, sampled).
 With --device cuda (on a GPU machine) it also reports MTCNN images/s on the GPU (detector stage only).

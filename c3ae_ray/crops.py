@@ -101,6 +101,48 @@ def reflected_square(image: np.ndarray, x1: int, y1: int, side: int) -> np.ndarr
     return part[y + pads[0]:y + pads[0] + side, x + pads[2]:x + pads[2] + side]
 
 
+def shrunk_square(image: np.ndarray, x1: int, y1: int, side: int, size: int) -> np.ndarray:
+    """`reflected_square(image, x1, y1, side)` shrunk to size x size with the area filter, as
+    `cv2.resize(..., interpolation=cv2.INTER_AREA)` shrinks it (each output pixel the mean of the square's
+    pixels under it, fractions of pixels at its edges), within one level of rounding (tested).
+
+    Computed from the image's summed-area table, without building the square: for a face that fills its photo
+    the square is about 9 times the photo, mostly mirrored padding, and shrinking it took 4.6 ms at 448 x 448
+    (now 1.1 ms). Any rectangle's mean, fractional edges included, is a few lookups into the table (bilinear
+    between whole pixels), and so is its mirrored copy, whose sums repeat the image's with period twice the
+    side (`_cell_means`)."""
+    height, width, channels = image.shape
+    table = cv2.integral(image, sdepth=cv2.CV_64F)  # (height + 1, width + 1, channels); exact integers in float64
+    rows = _cell_means(y1, side, size, height) @ table.reshape(height + 1, -1)  # (size, (width + 1) * channels)
+    rows = rows.reshape(size, width + 1, channels).transpose(1, 0, 2).reshape(width + 1, -1)
+    means = (_cell_means(x1, side, size, width) @ rows).reshape(size, size, channels).transpose(1, 0, 2)
+    # halves round up, whatever the float error of the sums (far below 1e-6): the same square, mirrored or not,
+    # gives the same pixels
+    return np.clip(np.floor(means + (0.5 + 1e-6)), 0, 255).astype(np.uint8)
+
+
+def _cell_means(start: int, side: int, size: int, n: int):
+    """A sparse (size, n + 1) matrix that maps an axis's cumulative sums (entry t: the sum of its first t
+    pixels) to the means of the mirrored axis (`_reflect_index`) over `size` equal cells of [start, start + side).
+
+    The mirrored axis's sum up to a whole position z = 2n * periods + q is 2 * periods * total + cum(q) where
+    q <= n, else (2 * periods + 2) * total - cum(2n - q); up to a fractional position, the line between the two
+    whole positions around it. A cell's mean is the difference at its two ends over its width."""
+    from scipy import sparse
+
+    width = side / size
+    offsets = np.arange(size + 1) * width  # the cell edges from `start`: the same weights wherever the square is
+    whole = start + np.floor(offsets).astype(np.int64)
+    fraction = offsets - np.floor(offsets)
+    points = np.stack([whole[1:], whole[1:] + 1, whole[:-1], whole[:-1] + 1], axis=1)  # (size, 4)
+    weights = np.stack([1 - fraction[1:], fraction[1:], fraction[:-1] - 1, -fraction[:-1]], axis=1) / width
+    periods, q = np.divmod(points, 2 * n)
+    mirrored = q > n
+    columns = np.concatenate([np.full_like(q, n), np.where(mirrored, 2 * n - q, q)], axis=1)
+    values = np.concatenate([weights * (2 * periods + 2 * mirrored), weights * np.where(mirrored, -1.0, 1.0)], axis=1)
+    return sparse.csr_matrix((values.ravel(), (np.repeat(np.arange(size), 8), columns.ravel())), shape=(size, n + 1))
+
+
 def _source_range(start: int, side: int, n: int) -> tuple[int, int]:
     """First and last pixel of an axis of n pixels that [start, start + side) reads, widened to the axis's first
     pixel when an index is mirrored about it, and to its last when one is mirrored about that."""
@@ -127,10 +169,11 @@ def cut_region(image: np.ndarray, face_box, cfg: CropConfig = CropConfig(), land
     if cfg.align:
         return _aligned_region(image, face_box, eye_angle(landmarks), cfg)
     x1, y1, side = region_bounds(face_box, cfg)
-    patch = reflected_square(image, x1, y1, side)
     size = cfg.region_size
-    interpolation = cv2.INTER_AREA if side > size else cv2.INTER_LINEAR
-    region = cv2.resize(patch, (size, size), interpolation=interpolation) if side != size else patch.copy()
+    if side > size:
+        region = shrunk_square(image, x1, y1, side, size)
+    else:
+        region = cv2.resize(reflected_square(image, x1, y1, side), (size, size), interpolation=cv2.INTER_LINEAR)
     boxes = (context_boxes(face_box, cfg.scales) - [x1, y1, x1, y1]) * (size / side)
     return np.ascontiguousarray(region), boxes.astype(np.float32)
 
@@ -145,12 +188,13 @@ def _aligned_region(image: np.ndarray, face_box, angle: float, cfg: CropConfig) 
     size = cfg.region_size
     outer = int(np.ceil(side * np.sqrt(2))) + 2  # holds the region at any angle
     px1, py1 = int(np.floor(cx - outer / 2)), int(np.floor(cy - outer / 2))
-    patch = reflected_square(image, px1, py1, outer)
     scale = min(1.0, size / side)  # shrink first with the area filter; the rotation then resamples at most 1:1
     if scale < 1:
         shrunk = max(1, round(outer * scale))
-        patch = cv2.resize(patch, (shrunk, shrunk), interpolation=cv2.INTER_AREA)
+        patch = shrunk_square(image, px1, py1, outer, shrunk)
         scale = shrunk / outer
+    else:
+        patch = reflected_square(image, px1, py1, outer)
     centre = ((cx - px1) * scale, (cy - py1) * scale)  # the box centre in the patch
     # patch -> region: rotate by `angle` about the box centre (levelling the eyes), scale to R / side, centre at R / 2
     matrix = cv2.getRotationMatrix2D(centre, angle, size / (side * scale))

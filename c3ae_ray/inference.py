@@ -23,7 +23,7 @@ import torch
 from c3ae_ray.augment import crop_batch
 from c3ae_ray.calibrate import age_range_of, bounds
 from c3ae_ray.config import resolve_device
-from c3ae_ray.crops import N_SCALES, CropConfig, cut_region
+from c3ae_ray.crops import CROP_SIZE, N_SCALES, CropConfig, cut_region
 from c3ae_ray.detect import DetectorConfig, FaceDetector, Faces
 from c3ae_ray.images import DEFAULT_MAX_PIXELS, ImageError, decode_image
 from c3ae_ray.model import C3AE, for_inference, load_model, model_crop, model_identity
@@ -146,20 +146,34 @@ class FaceFinder:
         return FaceRegions(faces, regions, boxes, image.shape[1], image.shape[0])
 
 
-def predict_regions(model: C3AE, regions, boxes, batch_size: int = 256) -> Outputs:
+class Answers(torch.nn.Module):
+    """The model's outputs that `Outputs` keeps, as a tuple of tensors without the heads it lacks (age; the
+    distribution with the cascade; p_female with the gender head): what ONNX Runtime runs (`onnx_cpu`)."""
+
+    def __init__(self, model: C3AE):
+        super().__init__()
+        self.model = model.eval()
+
+    def forward(self, crops: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        prediction = self.model(crops)
+        return tuple(value.float() for value in (prediction.age, prediction.distribution, prediction.p_female()) if value is not None)
+
+
+def predict_regions(model: C3AE, regions, boxes, batch_size: int = 256, network=None) -> Outputs:
     """Regions (N, R, R, 3) uint8 and their context boxes (N, 3, 4), numpy or tensors, cut as training cuts
-    them with augmentation off -> the model's `Outputs` (on the CPU, as numpy)."""
+    them with augmentation off -> the model's `Outputs` (on the CPU, as numpy). `network`: the model's
+    `Answers` run another way (ONNX Runtime, `AgeModel` on CPUs); by default PyTorch's."""
     device = next(model.parameters()).device
     regions, boxes = torch.as_tensor(regions, device=device), torch.as_tensor(boxes, device=device)
-    model.eval()
+    network = network or Answers(model)
     cfg = model.cfg
     parts = [Outputs(np.zeros(0, np.float32), np.zeros((0, cfg.n_bins), np.float32) if cfg.cascade else None,
                      np.zeros(0, np.float32) if cfg.gender_head else None)]
     with torch.inference_mode():
         for start in range(0, len(regions), batch_size):
-            prediction = model(crop_batch(regions[start:start + batch_size], boxes[start:start + batch_size]))
-            parts.append(Outputs(*(None if value is None else value.float().cpu().numpy() for value in
-                                   (prediction.age.clamp_min(0), prediction.distribution, prediction.p_female()))))
+            answers = iter(network(crop_batch(regions[start:start + batch_size], boxes[start:start + batch_size])))
+            age, distribution, p_female = next(answers).clamp_min(0), next(answers) if cfg.cascade else None, next(answers) if cfg.gender_head else None
+            parts.append(Outputs(*(None if value is None else value.cpu().numpy() for value in (age, distribution, p_female))))
     return Outputs.join(parts)
 
 
@@ -175,12 +189,17 @@ def predict_stored(model: C3AE, data, faces: dict, rows: np.ndarray) -> Outputs:
 
 class AgeModel:
     """The model half: cut regions -> `Outputs`, in one batch. It reads the model file, its crop geometry and
-    its age range's calibration (if any)."""
+    its age range's calibration (if any); on CPUs the network runs in ONNX Runtime (`onnx_cpu`)."""
 
     def __init__(self, model_source, device: str = "auto", name: str | None = None):
         self.device = resolve_device(device)
         model, self.payload = load_model(model_source, name=name)
         self.model = for_inference(model).to(self.device)
+        self.network = None
+        if self.device == "cpu":
+            from c3ae_ray.onnx_cpu import OnnxCpu
+
+            self.network = OnnxCpu(Answers(self.model), torch.zeros(2, N_SCALES, 3, CROP_SIZE, CROP_SIZE), {0: "faces"})
         self.crop = model_crop(self.payload)
         self.identity = model_identity(self.payload, name or (model_source if isinstance(model_source, (str, Path)) else "model"))
         self.bins = self.model.cfg.bins.tolist()
@@ -188,7 +207,7 @@ class AgeModel:
         self._bins = self.model.cfg.bins.numpy()  # the range's spread, computed per batch
 
     def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
-        outputs = predict_regions(self.model, regions, boxes)
+        outputs = predict_regions(self.model, regions, boxes, network=self.network)
         if self.age_range is None:
             return outputs
         low, high = bounds(outputs.age, outputs.distribution, self.age_range, self._bins)

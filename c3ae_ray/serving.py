@@ -63,13 +63,14 @@ HEALTH_CHECK_PERIOD_S = 2.0
 
 
 class _BatchingWorker:
-    """What both workers share: one torch thread per CPU replica (the batch, not threads, is the parallelism),
-    their batch size and wait from the app's config, and a count of the batch sizes they ran (`/v1/stats`)."""
+    """What the workers share: one thread per CPU replica (the batch, not threads, is the parallelism; set before
+    the networks are built, as ONNX Runtime fixes its threads then), their batch size and wait from the app's
+    config, and a count of the batch sizes they ran (`/v1/stats`)."""
 
     def _batching(self, device: str, batch_method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         import torch
 
-        if device == "cpu":
+        if resolve_device(device) == "cpu":
             torch.set_num_threads(1)
         batch_method.set_max_batch_size(max_batch_size)
         batch_method.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -89,8 +90,8 @@ class FaceFinder(_BatchingWorker):
     """Photos (encoded bytes) -> `FaceRegions` (faces and their cut regions) or `ImageFailure`, a batch at a time."""
 
     def __init__(self, crop: CropConfig, device: str, detector: DetectorConfig, max_batch_size: int, batch_wait_timeout_s: float):
+        self._batching(device, self.find_batch, max_batch_size, batch_wait_timeout_s)
         self.finder = Finder(crop, device, detector)
-        self._batching(self.finder.device, self.find_batch, max_batch_size, batch_wait_timeout_s)
 
     async def find(self, data: bytes, max_pixels: int, max_faces: int) -> FaceRegions | ImageFailure:
         return await self.find_batch(data, max_pixels, max_faces)
@@ -109,8 +110,8 @@ class AgePredictor(_BatchingWorker):
     """The cut regions of a batch of requests -> the model's `Outputs` for each, in one forward pass."""
 
     def __init__(self, model: bytes, device: str, max_batch_size: int, batch_wait_timeout_s: float):
+        self._batching(device, self.predict_batch, max_batch_size, batch_wait_timeout_s)
         self.age_model = AgeModel(model, device)
-        self._batching(self.age_model.device, self.predict_batch, max_batch_size, batch_wait_timeout_s)
 
     async def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
         return await self.predict_batch(regions, boxes)
@@ -129,8 +130,8 @@ class AgeEstimator(_BatchingWorker):
     `predict` is the model half alone, for the ingress's self-test."""
 
     def __init__(self, model: bytes, device: str, detector: DetectorConfig, max_batch_size: int, batch_wait_timeout_s: float):
+        self._batching(device, self.estimate_batch, max_batch_size, batch_wait_timeout_s)
         self.estimator = Estimator(model, device, detector)
-        self._batching(self.estimator.device, self.estimate_batch, max_batch_size, batch_wait_timeout_s)
 
     async def estimate(self, data: bytes, max_pixels: int, max_faces: int) -> ImageFaces | ImageFailure:
         return await self.estimate_batch(data, max_pixels, max_faces)

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from c3ae_ray.config import UserError, build, to_dict
-from c3ae_ray.crops import CropConfig, context_boxes, cut_region, eye_angle, reflected_square, region_bounds
+from c3ae_ray.crops import CropConfig, context_boxes, cut_region, eye_angle, reflected_square, region_bounds, shrunk_square
+from c3ae_ray.images import decode_image
 from tests.oracles import face_crops, sample_crops
 
 
@@ -102,6 +103,25 @@ def test_reflected_squares_equal_numpys_symmetric_padding_anywhere():
         pad = 400
         expected = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="symmetric")[y1 + pad:y1 + pad + side, x1 + pad:x1 + pad + side]
         np.testing.assert_array_equal(reflected_square(image, x1, y1, side), expected)
+
+
+def test_shrunk_squares_equal_opencvs_area_filter_on_the_reflected_square_within_rounding(shared_data):
+    rng = np.random.default_rng(4)
+    faces = [decode_image(path.read_bytes()) for path in sorted((shared_data / "utkface").glob("*.jpg"))[:5]]
+    cases = [(faces[0], -213, -213, 626, 154), (faces[1], 0, 0, 200, 154), (faces[2], 0, 0, 308, 154),  # integer scale
+             (faces[3], -5000, 300, 1540, 154), (faces[4], 23, 17, 155, 154)]
+    for _ in range(200):  # images down to 1 px, squares inside, across edges, wholly outside, several widths out
+        height, width = rng.integers(1, 60, 2)
+        image = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        side, size = int(rng.integers(2, 400)), int(rng.integers(1, 160))
+        cases.append((image, int(rng.integers(-400, 80)), int(rng.integers(-400, 80)), max(side, size + 1), size))
+    differing = pixels = 0
+    for image, x1, y1, side, size in cases:
+        expected = cv2.resize(reflected_square(image, x1, y1, side), (size, size), interpolation=cv2.INTER_AREA)
+        difference = np.abs(shrunk_square(image, x1, y1, side, size).astype(int) - expected)
+        assert difference.max() <= 1, (image.shape, x1, y1, side, size)
+        differing, pixels = differing + np.count_nonzero(difference), pixels + difference.size
+    assert differing / pixels < 0.01
 
 
 def test_tiny_and_non_square_boxes():

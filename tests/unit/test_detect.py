@@ -78,7 +78,7 @@ def test_equal_size_images_in_one_batch_find_the_faces_they_find_alone(detector,
         assert torch.all(overlap > 0.8), overlap
 
 
-def test_channels_last_networks_give_stock_facenet_results(detector, photos):
+def test_onnx_runtime_networks_give_stock_facenet_results(detector, photos):
     from facenet_pytorch import MTCNN
 
     stock = MTCNN(keep_all=True, select_largest=False, device="cpu", min_face_size=detector.cfg.min_face_size)
