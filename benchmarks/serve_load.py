@@ -105,16 +105,19 @@ def start_server(model: str, port: int, batch: int, max_in_flight: int | None = 
                "--device", "cpu", "--max-batch-size", str(batch), *(["--config", config] if config else [])]
     if max_in_flight is not None:
         command += ["--max-in-flight", str(max_in_flight)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, **(env or {})})
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
     deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200:
                 return process
         except requests.RequestException:
             time.sleep(1)
     process.kill()
-    raise SystemExit("c3ae serve did not become healthy")
+    log.seek(0)
+    tail = log.read().decode(errors="replace")[-3000:]
+    raise SystemExit(f"c3ae serve did not become healthy (exit code {process.poll()}); its output ended:\n{tail}")
 
 
 def stop_server(process: subprocess.Popen) -> None:

@@ -28,6 +28,7 @@ import os
 import time
 import uuid
 from collections import Counter
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -479,11 +480,12 @@ def serve_forever(cfg: ServeConfig) -> dict:
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", str(HEALTH_CHECK_PERIOD_S))
     for name, value in high_throughput_settings().items():
         os.environ.setdefault(name, value)
-    with ray_runtime():
+    with ray_runtime() as ray:
         # After Ray's start-up, which installs its own SIGTERM handler: Ctrl-C and SIGTERM both shut down
         # cleanly, also when started from a script that ignores SIGINT in background jobs.
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        node = ray.get_runtime_context().get_node_id()
         try:
             serve.start(http_options={"host": cfg.host, "port": cfg.port}, logging_config=quiet)
             serve.run(build_app(cfg), name=APP_NAME, route_prefix="/", logging_config=quiet)
@@ -498,4 +500,29 @@ def serve_forever(cfg: ServeConfig) -> dict:
             print("c3ae serve: shutting down", flush=True)
         finally:
             serve.shutdown()
+    stop_orphaned_haproxy(node)
     return {"url": url, "served_s": round(time.monotonic() - started, 1)}
+
+
+def stop_orphaned_haproxy(node: str) -> list[int]:
+    """Kill the HAProxy processes of Serve on Ray node `node` that outlived Serve and Ray; -> their pids.
+
+    Serve's controller stops HAProxy when it shuts down, but when that shutdown overruns its 30 s limit Ray
+    kills the actor that started HAProxy, which is left running, still bound to the port: the next `c3ae
+    serve` on that port then never becomes healthy. HAProxy's configuration lies under a folder named after
+    the node (`/tmp/haproxy-serve/<node id>/`), so only this service's processes match."""
+    import signal
+
+    killed = []
+    for entry in Path("/proc").iterdir():
+        try:
+            command = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # not a process, or gone meanwhile
+            continue
+        if command and command[0].endswith(b"haproxy") and any(f"/{node}/".encode() in part for part in command):
+            try:
+                os.kill(int(entry.name), signal.SIGKILL)
+                killed.append(int(entry.name))
+            except ProcessLookupError:
+                pass
+    return killed

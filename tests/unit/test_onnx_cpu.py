@@ -13,8 +13,6 @@ from c3ae_ray.inference import AgeModel, predict_regions
 from c3ae_ray.model import C3AE, Ensemble, ModelConfig, for_inference, save_model
 from c3ae_ray.onnx_cpu import OnnxCpu
 
-pytestmark = pytest.mark.unit
-
 
 def test_mtcnn_networks_answer_as_pytorch_at_every_input_size():
     detector = FaceDetector("cpu")

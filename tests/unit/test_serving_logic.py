@@ -56,3 +56,26 @@ def test_the_request_log_gives_each_answer_once_and_the_terminal_one_line_per_bu
                                        "4 since the start (1 failed)")
     with pytest.raises(UserError, match="log_level must be one of"):
         build(ServeConfig, {"log_level": "LOUD"})
+
+
+def test_haproxy_left_running_by_a_served_node_is_stopped_and_no_other(tmp_path):
+    """`c3ae serve` ends by killing its node's HAProxy when Serve's shutdown left it running (bound to the port)."""
+    import os
+    import subprocess
+    import time
+
+    from c3ae_ray.serving import stop_orphaned_haproxy
+
+    haproxy = tmp_path / "haproxy"
+    haproxy.symlink_to("/bin/sh")  # a process whose command is `.../haproxy ... /tmp/haproxy-serve/<node>/haproxy.cfg`
+    ours, other = (subprocess.Popen([str(haproxy), "-c", "sleep 60; :", f"/tmp/haproxy-serve/{node}/haproxy.cfg"])
+                   for node in ("node-ours", "node-other"))
+    try:
+        time.sleep(0.3)
+        assert stop_orphaned_haproxy("node-ours") == [ours.pid]
+        assert ours.wait(timeout=10) == -9 and other.poll() is None
+        assert stop_orphaned_haproxy("node-gone") == [] and os.path.exists(f"/proc/{other.pid}")
+    finally:
+        for process in (ours, other):
+            process.kill()
+            process.wait()
