@@ -76,7 +76,10 @@ class ServeConfig:
     # Replicas of each worker where the Serve config gives no autoscaling; None: one per CPU of the Ray (at most
     # 8) for the one CPU worker, one each for two workers
     replicas: int | None = None
-    batch_wait_timeout_s: float = 0.01  # how long a batch waits to fill
+    # How long a batch waits to fill. 0: a batch is the requests that queued while the last one ran, so a lone
+    # request never waits (on CPUs 10 ms cost concurrency 1 a third of its throughput and gained nothing at 8 or
+    # 32, docs/benchmarks.md); a GPU config may wait a little for fuller batches
+    batch_wait_timeout_s: float = 0.0
     limits: Limits = field(default_factory=Limits)
     detector: DetectorConfig = field(default_factory=DetectorConfig)
 
