@@ -5,10 +5,10 @@ Two things make it fit for a pipeline:
   and each group runs as one batch; images over `max_side` are first shrunk for detection (big photos are
   slow and gain nothing), and their boxes and landmarks are scaled back to the original pixels.
 - Speed: on CPUs the three networks run in ONNX Runtime (`onnx_cpu`; the same answers within float
-  rounding, a half to a third of PyTorch's time on one image's small tensors). The image pyramid and R-Net's
-  and O-Net's inputs (all candidate boxes at once) are resampled from one summed-area table per batch
-  (`_detect_batch`), not level by level and box by box with `interpolate` as facenet-pytorch does; bit for
-  bit the same values.
+  rounding; P-Net in about half of PyTorch's time on one image, R-Net and O-Net about equal). The image
+  pyramid and R-Net's and O-Net's inputs (all candidate boxes at once) are resampled from one summed-area
+  table per batch (`_detect_batch`), not level by level and box by box with `interpolate` as facenet-pytorch
+  does; bit for bit the same values.
 """
 
 from __future__ import annotations
@@ -161,9 +161,10 @@ def _faces(boxes, scores, points, scale: np.ndarray) -> Faces:
 
 def _detect_batch(mtcnn, networks: Networks, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """facenet-pytorch's `detect_face` and `MTCNN.detect` (keep_all, select_largest=False; its settings from
-    `mtcnn`, its networks from `networks`) with the same results, but the pyramid's levels (`whole_images_resampled`) and R-Net's and O-Net's inputs for all candidate boxes
-    at once (`_box_crops`) come from a summed-area table: facenet's `interpolate` call per box was over a quarter
-    of detection time on 200 x 200 images, its pyramid a quarter on 448 x 448 ones.
+    `mtcnn`, its networks from `networks`) with the same results, but the pyramid's levels
+    (`whole_images_resampled`) and R-Net's and O-Net's inputs for all candidate boxes at once (`_box_crops`) come
+    from a summed-area table: facenet's `interpolate` call per box was over a quarter of detection time on
+    200 x 200 images, its pyramid a quarter on 448 x 448 ones.
 
     batch: (n, height, width, 3) uint8 RGB -> per image (boxes (k, 4), scores (k,), landmarks (k, 5, 2)) float32.
     """

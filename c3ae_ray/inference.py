@@ -172,7 +172,8 @@ def predict_regions(model: C3AE, regions, boxes, batch_size: int = 256, network=
     with torch.inference_mode():
         for start in range(0, len(regions), batch_size):
             answers = iter(network(crop_batch(regions[start:start + batch_size], boxes[start:start + batch_size])))
-            age, distribution, p_female = next(answers).clamp_min(0), next(answers) if cfg.cascade else None, next(answers) if cfg.gender_head else None
+            age = next(answers).clamp_min(0)
+            distribution, p_female = (next(answers) if present else None for present in (cfg.cascade, cfg.gender_head))
             parts.append(Outputs(*(None if value is None else value.cpu().numpy() for value in (age, distribution, p_female))))
     return Outputs.join(parts)
 

@@ -1,9 +1,10 @@
 """PyTorch networks run on CPUs by ONNX Runtime, for inference (MTCNN's three networks and C3AE).
 
 The network is exported in memory when a stage starts (tenths of a second), from the same weights, so there is
-no file to keep in step with the model. Its answers equal PyTorch's within float rounding (about 1e-6; tested),
-and on the small tensors of one face at a time it takes a half to a third of PyTorch's CPU time, where
-PyTorch's per-operator overhead outweighs the arithmetic (`benchmarks/peer_speed.py`). GPUs keep PyTorch.
+no file to keep in step with the model. Its answers equal PyTorch's within float rounding (about 1e-6; tested).
+On one photo's small tensors PyTorch's per-operator overhead outweighs the arithmetic: P-Net over a pyramid
+takes about half of PyTorch's time here, C3AE about four fifths, R-Net and O-Net about the same
+(`benchmarks/peer_speed.py`, docs/benchmarks.md). GPUs keep PyTorch.
 """
 
 from __future__ import annotations
