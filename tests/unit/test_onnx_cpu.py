@@ -11,7 +11,7 @@ import torch
 from c3ae_ray.detect import FaceDetector
 from c3ae_ray.inference import AgeModel, predict_regions
 from c3ae_ray.model import C3AE, Ensemble, ModelConfig, for_inference, save_model
-from c3ae_ray.onnx_cpu import OnnxCpu
+from c3ae_ray.onnx_cpu import OnnxCpu, SplitPReLU, _with_split_prelus
 
 
 def test_mtcnn_networks_answer_as_pytorch_at_every_input_size():
@@ -31,6 +31,22 @@ def test_mtcnn_networks_answer_as_pytorch_at_every_input_size():
         for answer, value in zip(answers, expected):
             assert answer.shape == value.shape, shape
             torch.testing.assert_close(answer, value, atol=1e-5, rtol=0)
+
+
+def test_split_prelu_is_prelu_to_the_bit_and_the_original_module_is_kept():
+    generator = torch.Generator().manual_seed(1)
+    for prelu, shape in ((torch.nn.PReLU(10), (3, 10, 7, 5)), (torch.nn.PReLU(64), (4, 64)), (torch.nn.PReLU(), (2, 3, 4, 4))):
+        torch.nn.init.uniform_(prelu.weight, -0.5, 0.8)
+        x = torch.randn(shape, generator=generator) * 3
+        x.view(-1)[:5] = torch.tensor([0.0, -0.0, 1e-38, -1e-38, float("inf")])
+        assert torch.equal(SplitPReLU(prelu)(x), prelu(x))
+    mtcnn = FaceDetector("cpu").mtcnn
+    split = _with_split_prelus(mtcnn.onet)
+    assert not any(isinstance(m, torch.nn.PReLU) for m in split.modules())
+    assert sum(isinstance(m, torch.nn.PReLU) for m in mtcnn.onet.modules()) == 5  # untouched
+    x = torch.randn(3, 3, 48, 48, generator=generator)
+    with torch.inference_mode():
+        assert all(torch.equal(a, b) for a, b in zip(split(x), mtcnn.onet(x)))
 
 
 @pytest.mark.parametrize("kind", ["plain", "full, gender, mirror", "ensemble"])
