@@ -133,6 +133,20 @@ def _recipe(config: TrainConfig) -> str:
     return yaml.safe_dump(json.loads(json.dumps(differing(chosen, defaults))), sort_keys=False).strip()
 
 
+def _pretraining(config: TrainConfig, source: dict | None) -> str:
+    """How the weights started, with what the model file records of a fine-tuned model's source (its file may
+    since have been replaced, as the bundled model's is)."""
+    if not config.init_from:
+        return "trained from scratch (no pretraining)"
+    facts = (source or {}).get("meta") or {}
+    train = (facts.get("data") or {}).get("train") or {}
+    known = [f"{train['faces']:,} training faces" if "faces" in train else None,
+             f"best epoch {facts['best_epoch']}" if facts.get("best_epoch") else None,
+             f"validation MAE {facts['val_mae']:.2f}" if facts.get("val_mae") is not None else None]
+    known = [fact for fact in known if fact]
+    return f"fine-tuned from `{config.init_from}`" + (f" (then: {', '.join(known)})" if known else "")
+
+
 def _card(file_name: str, cfg: ModelConfig, members: int, config: TrainConfig, meta: dict, m: dict, model_bytes: int) -> str:
     data, summary = meta["data"], m["data"]
     gender = m["gender_head"]
@@ -142,7 +156,7 @@ def _card(file_name: str, cfg: ModelConfig, members: int, config: TrainConfig, m
     worst = max(m["by_decade"], key=lambda d: d["mae"])
     augment = to_dict(config.augment) if config.augment else {}
     dataset, crop = summary["dataset"], summary["crop"]
-    pretrained = f"fine-tuned from `{config.init_from}`" if config.init_from else "trained from scratch (no pretraining)"
+    pretrained = _pretraining(config, meta.get("init_from"))
     return f"""# Model card: {file_name}
 
 {_variant(cfg, members)}
@@ -202,7 +216,14 @@ c3ae preprocess --dataset {dataset} --root {summary['root']} --out runs/{dataset
 c3ae train --data runs/{dataset}-faces --out runs/card-run --config RECIPE.yaml
 python -m c3ae_ray.card --run runs/card-run --out CARD_DIR
 ```
-"""
+{_source_first(config)}"""
+
+
+def _source_first(config: TrainConfig) -> str:
+    if not config.init_from:
+        return ""
+    return (f"`init_from` is the model these weights started from (`{config.init_from}` as it was then; see the"
+            " training line above): make or fetch that one first.\n")
 
 
 def _folders(m: dict) -> str:

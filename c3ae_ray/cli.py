@@ -237,6 +237,7 @@ def _add_train(commands) -> None:
         .flag("--batch-size", "batch_size", "per worker", type=_positive_int)
         .flag("--lr", "lr", "Adam learning rate; none means 0.005 for the full model, 0.002 without SE", type=float)
         .flag("--init-from", "init_from", "fine-tune from this model.pt (its switches and bins are kept)")
+        .flag("--gender-weight", "gender_weight", "weight of the gender head's cross-entropy in the loss", type=float)
         .flag("--no-context", "model.context", "one crop (the largest) instead of three", action="store_const", const=False)
         .flag("--no-cascade", "model.cascade", "no two-point bins: plain regression", action="store_const", const=False)
         .flag("--no-se", "model.se", "no squeeze-and-excitation (the plain C3AE)", action="store_const", const=False)

@@ -98,6 +98,8 @@ class TrainConfig:
         for name in ("epochs", "workers", "batch_size", "members"):
             check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         check(self.learning_rate > 0, f"lr must be positive, got {self.learning_rate}")
+        check(self.gender_weight >= 0 and self.ethnicity_weight >= 0,
+              f"gender_weight and ethnicity_weight must not be negative, got {self.gender_weight} and {self.ethnicity_weight}")
         check(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
         check(self.data_cache in DATA_CACHES, f"data_cache must be one of {', '.join(DATA_CACHES)}, got {self.data_cache!r}")
 

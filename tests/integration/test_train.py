@@ -147,6 +147,12 @@ def test_fine_tuning_starts_from_the_given_model(one_worker_run, face_parquet, t
     # model (a fresh initialisation would be ~0.1 away) and they did train.
     drift = (model.trunk.features[0][0].weight - start.trunk.features[0][0].weight).abs().max().item()
     assert 0 < drift < 5e-3
+    # the card names the source and what its file recorded then (the source file may be replaced later)
+    source_meta = load_model(source / "model.pt")[1]["meta"]
+    write_card(str(tmp_path / "tuned" / "model.pt"), str(tmp_path / "card"))
+    card = (tmp_path / "card" / "MODEL_CARD.md").read_text()
+    assert (f"fine-tuned from `{source / 'model.pt'}` (then: {source_meta['data']['train']['faces']:,} training faces, "
+            f"best epoch {source_meta['best_epoch']}, validation MAE {source_meta['val_mae']:.2f})") in card
 
 
 def test_an_ensemble_with_gender_and_ethnicity_heads_trains_its_members_by_seed_into_one_file_and_card(face_parquet, tmp_path, capsys):

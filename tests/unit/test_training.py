@@ -66,6 +66,9 @@ def test_a_config_round_trips_through_json_and_bad_settings_are_named():
         train_config(data="d", out="o", augment={"p_flip": 2})
     with pytest.raises(UserError, match="data_cache must be one of auto, memory, stream, got 'disk'"):
         train_config(data="d", out="o", data_cache="disk")
+    with pytest.raises(UserError, match="gender_weight and ethnicity_weight must not be negative, got -1.0 and 1.0"):
+        from_command_line("--data", "d", "--out", "o", "--gender-weight", "-1")
+    assert from_command_line("--data", "d", "--out", "o", "--gender-weight", "5").gender_weight == 5.0
 
 
 def test_auto_holds_a_workers_faces_in_memory_up_to_the_limit_and_streams_larger_shares():
