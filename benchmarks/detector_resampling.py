@@ -47,11 +47,12 @@ def main() -> None:
     if args.side:
         images = [cv2.resize(image, (args.side, args.side), interpolation=cv2.INTER_CUBIC) for image in images]
     batches = [np.stack(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
-    mtcnn = FaceDetector("cpu").mtcnn
-    torch_networks = Networks(mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
+    detector = FaceDetector("cpu")
+    mtcnn = detector.mtcnn
+    torch_networks = Networks.pytorch(mtcnn, "cpu")
     contenders = {
         "facenet": lambda batch: mtcnn.detect(batch, landmarks=True),
-        "batched": lambda batch: _detect_batch(mtcnn, torch_networks, batch),
+        "batched": lambda batch: _detect_batch(detector.cfg, torch_networks, batch),
     }
     for detect in contenders.values():
         detect(batches[0])  # warm-up

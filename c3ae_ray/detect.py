@@ -8,7 +8,8 @@ Two things make it fit for a pipeline:
   rounding; with their PReLUs split, 2 to 2.5 times faster than there with ONNX's PRelu). The image
   pyramid and R-Net's and O-Net's inputs (all candidate boxes at once) are resampled from one summed-area
   table per batch (`_detect_batch`), not level by level and box by box with `interpolate` as facenet-pytorch
-  does; bit for bit the same values. P-Net's answers on all levels are read and NMS'd in one pass each.
+  does; bit for bit the same values. P-Net's answers on all levels are read and NMS'd in one pass each, and
+  everything between the networks is numpy (on GPUs only the networks run there).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ def detection_scale(height: int, width: int, max_side: int) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class Networks:
-    """P-Net, R-Net and O-Net as `_detect_batch` calls them: a batch tensor in, a tuple of tensors out."""
+    """P-Net, R-Net and O-Net as `_detect_batch` calls them: a float32 batch (numpy) in, a tuple of arrays out."""
 
     pnet: Callable
     rnet: Callable
@@ -78,16 +79,29 @@ class Networks:
 
     @classmethod
     def of(cls, mtcnn, device: str) -> "Networks":
-        """facenet-pytorch's own modules on GPUs; on CPUs the same weights in ONNX Runtime (`onnx_cpu`)."""
+        """On CPUs facenet-pytorch's weights in ONNX Runtime (`onnx_cpu`); elsewhere `pytorch`."""
         if device != "cpu":
-            return cls(mtcnn.pnet, mtcnn.rnet, mtcnn.onet)
+            return cls.pytorch(mtcnn, device)
         import torch
 
         from c3ae_ray.onnx_cpu import OnnxCpu
 
-        return cls(OnnxCpu(mtcnn.pnet, torch.zeros(1, 3, 24, 24), {0: "images", 2: "height", 3: "width"}),
-                   OnnxCpu(mtcnn.rnet, torch.zeros(2, 3, 24, 24), {0: "boxes"}),
-                   OnnxCpu(mtcnn.onet, torch.zeros(2, 3, 48, 48), {0: "boxes"}))
+        return cls(OnnxCpu(mtcnn.pnet, torch.zeros(1, 3, 24, 24), {0: "images", 2: "height", 3: "width"}).run,
+                   OnnxCpu(mtcnn.rnet, torch.zeros(2, 3, 24, 24), {0: "boxes"}).run,
+                   OnnxCpu(mtcnn.onet, torch.zeros(2, 3, 48, 48), {0: "boxes"}).run)
+
+    @classmethod
+    def pytorch(cls, mtcnn, device: str) -> "Networks":
+        """facenet-pytorch's own modules on `device`: only the networks run there, their inputs and answers are
+        copied from and to the host."""
+        return cls(*(functools.partial(_on_device, module, device) for module in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)))
+
+
+def _on_device(module, device: str, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+    import torch
+
+    with torch.no_grad():
+        return tuple(output.cpu().numpy() for output in module(torch.from_numpy(np.ascontiguousarray(batch)).to(device)))
 
 
 class FaceDetector:
@@ -133,7 +147,7 @@ class FaceDetector:
                     results[index] = _no_faces()
                 continue
             batch = np.stack([_resized(images[i], height, width) for i in indices])
-            for index, (box, score, point) in zip(indices, _detect_batch(self.mtcnn, self.networks, batch)):
+            for index, (box, score, point) in zip(indices, _detect_batch(self.cfg, self.networks, batch)):
                 original_height, original_width = images[index].shape[:2]
                 scale = np.array([original_width / width, original_height / height], np.float32)
                 results[index] = _faces(box, score, point, scale).above(self.cfg.min_face_score)
@@ -159,129 +173,186 @@ def _faces(boxes, scores, points, scale: np.ndarray) -> Faces:
     return Faces(boxes, scores[order], points)
 
 
-def _detect_batch(mtcnn, networks: Networks, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+def _detect_batch(cfg: DetectorConfig, networks: Networks, batch: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """facenet-pytorch's `detect_face` and `MTCNN.detect` (keep_all, select_largest=False; its settings from
-    `mtcnn`, its networks from `networks`) with the same results, but the pyramid's levels
-    (`whole_images_resampled`) and R-Net's and O-Net's inputs for all candidate boxes at once (`_box_crops`) come
-    from a summed-area table: facenet's `interpolate` call per box was over a quarter of detection time on
-    200 x 200 images, its pyramid a quarter on 448 x 448 ones.
+    `cfg`, its networks from `networks`) with the same results, bit for bit, but faster:
+    - the pyramid's levels (`whole_images_resampled`) and R-Net's and O-Net's inputs for all candidate boxes at
+      once (`_box_crops`) come from a summed-area table: facenet's `interpolate` call per box was over a quarter
+      of detection time on 200 x 200 images, its pyramid a quarter on 448 x 448 ones;
+    - P-Net's answers on all levels are read and NMS'd in one pass each;
+    - everything between the networks is numpy: on one photo's few boxes PyTorch's per-operator overhead made
+      that glue cost more than R-Net and O-Net together.
 
     batch: (n, height, width, 3) uint8 RGB -> per image (boxes (k, 4), scores (k,), landmarks (k, 5, 2)) float32.
     """
-    import torch
-    from facenet_pytorch.models.utils.detect_face import (
-        batched_nms_numpy,
-        bbreg,
-        fixed_batch_process,
-        rerec,
-    )
-    from torchvision.ops import batched_nms
+    height, width = batch.shape[1:3]
+    scale = 12.0 / cfg.min_face_size
+    smallest_side = min(height, width) * scale
+    scales = []
+    while smallest_side >= 12:
+        scales.append(scale)
+        scale, smallest_side = scale * cfg.factor, smallest_side * cfg.factor
 
-    with torch.no_grad():
-        device = mtcnn.device
-        height, width = batch.shape[1:3]
-        scale = 12.0 / mtcnn.min_face_size
-        smallest_side = min(height, width) * scale
-        scales = []
-        while smallest_side >= 12:
-            scales.append(scale)
-            scale, smallest_side = scale * mtcnn.factor, smallest_side * mtcnn.factor
+    # P-Net on the image pyramid, each level resampled from the summed-area table (facenet's `imresample`, bit
+    # for bit). Its answers on all levels are read as one list of cells (`_pnet_cells`; facenet's
+    # `generateBoundingBox` on every level at once), then NMS within each level and image (one call: each
+    # (level, image) pair is its own group), then within each image
+    table = _summed_area_table(batch)
+    levels = [networks.pnet(_normalised(whole_images_resampled(table, (int(height * scale + 1), int(width * scale + 1)))))
+              for scale in scales]
+    columns, rows, cell_scales, cell_levels = _pnet_cells(tuple((*probs.shape[2:], scale) for (_, probs), scale in zip(levels, scales)))
+    probs = np.concatenate([probs[:, 1].reshape(len(batch), -1) for _, probs in levels], 1)  # (n, cells)
+    reg = np.concatenate([reg.reshape(len(batch), 4, -1) for reg, _ in levels], 2)  # (n, 4, cells)
+    image_inds, cells = np.nonzero(probs >= cfg.thresholds[0])
+    corners = np.stack([columns[cells], rows[cells]], 1) * 2  # P-Net's stride
+    cell_scale = cell_scales[cells, None]
+    boxes = np.concatenate([np.floor((corners + 1) / cell_scale), np.floor((corners + 12) / cell_scale),  # its 12 px window
+                            probs[image_inds, cells, None], reg[image_inds, :, cells]], 1)
+    pick = _nms(boxes, cell_levels[cells] * len(batch) + image_inds, 0.5)
+    boxes, image_inds = boxes[pick], image_inds[pick]
+    pick = _nms(boxes, image_inds, 0.7)
+    boxes, image_inds = boxes[pick], image_inds[pick]
+    box_width, box_height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
+    corners = [boxes[:, 0] + boxes[:, 5] * box_width, boxes[:, 1] + boxes[:, 6] * box_height,
+               boxes[:, 2] + boxes[:, 7] * box_width, boxes[:, 3] + boxes[:, 8] * box_height]
+    boxes = _squared(np.stack([*corners, boxes[:, 4]], 1))
 
-        # P-Net on the image pyramid, each level resampled from the summed-area table (facenet's `imresample`,
-        # bit for bit, several times faster). Its answers on all levels are read as one list of cells
-        # (`_pnet_cells`; facenet's `generateBoundingBox` on every level at once), then NMS within each level and
-        # image (one call: each (level, image) pair is its own group), then within each image
-        table = _summed_area_table(batch, device)
-        levels = [networks.pnet((whole_images_resampled(table, (int(height * scale + 1), int(width * scale + 1))) - 127.5) * 0.0078125)
-                  for scale in scales]
-        columns, rows, cell_scales, cell_levels = _pnet_cells(tuple((*probs.shape[2:], scale) for (_, probs), scale in zip(levels, scales)), str(device))
-        probs = torch.cat([probs[:, 1].flatten(1) for _, probs in levels], 1)  # (n, cells)
-        reg = torch.cat([reg.flatten(2) for reg, _ in levels], 2)  # (n, 4, cells)
-        image_inds, cells = (probs >= mtcnn.thresholds[0]).nonzero(as_tuple=True)
-        corners = torch.stack([columns[cells], rows[cells]], 1) * 2  # P-Net's stride
-        cell_scale = cell_scales[cells, None]
-        boxes = torch.cat([((corners + 1) / cell_scale).floor(), ((corners + 12) / cell_scale).floor(),  # its 12 px window
-                           probs[image_inds, cells, None], reg[image_inds, :, cells]], 1)
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], cell_levels[cells] * len(batch) + image_inds, 0.5)
-        boxes, image_inds = boxes[pick], image_inds[pick]
-        pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
-        boxes, image_inds = boxes[pick], image_inds[pick]
-        box_width, box_height = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-        corners = [boxes[:, 0] + boxes[:, 5] * box_width, boxes[:, 1] + boxes[:, 6] * box_height,
-                   boxes[:, 2] + boxes[:, 7] * box_width, boxes[:, 3] + boxes[:, 8] * box_height]
-        boxes = rerec(torch.stack([*corners, boxes[:, 4]], dim=1))
+    # R-Net refines the candidates
+    boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 24)
+    if len(boxes) > 0:
+        reg, probs = _in_chunks(networks.rnet, crops)
+        passed = probs[:, 1] > cfg.thresholds[1]
+        boxes = np.concatenate((boxes[passed, :4], probs[passed, 1:2]), 1)
+        image_inds, reg = image_inds[passed], reg[passed]
+        pick = _nms(boxes, image_inds, 0.7)
+        boxes, image_inds = _squared(_regressed(boxes[pick], reg[pick])), image_inds[pick]
 
-        # R-Net refines the candidates
-        boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 24)
-        if len(boxes) > 0:
-            reg, probs = fixed_batch_process(crops, networks.rnet)
-            passed = probs[:, 1] > mtcnn.thresholds[1]
-            boxes = torch.cat((boxes[passed, :4], probs[passed, 1:2]), dim=1)
-            image_inds, reg = image_inds[passed], reg[passed]
-            pick = batched_nms(boxes[:, :4], boxes[:, 4], image_inds, 0.7)
-            boxes, image_inds = rerec(bbreg(boxes[pick], reg[pick])), image_inds[pick]
+    # O-Net scores the faces and places the landmarks
+    points = np.zeros((0, 5, 2), np.float32)
+    boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 48)
+    if len(boxes) > 0:
+        reg, points, probs = _in_chunks(networks.onet, crops)
+        passed = probs[:, 1] > cfg.thresholds[2]
+        boxes = np.concatenate((boxes[passed, :4], probs[passed, 1:2]), 1)
+        image_inds, reg, points = image_inds[passed], reg[passed], points[passed]
+        box_width, box_height = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+        points_x = box_width[:, None] * points[:, :5] + boxes[:, 0:1] - 1
+        points_y = box_height[:, None] * points[:, 5:] + boxes[:, 1:2] - 1
+        points = np.stack((points_x, points_y), 2)
+        boxes = _regressed(boxes, reg)
+        pick = _nms_min(boxes, image_inds, 0.7)
+        boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
 
-        # O-Net scores the faces and places the landmarks
-        points = torch.zeros(0, 5, 2, device=device)
-        boxes, image_inds, crops = _box_crops(table, boxes, image_inds, 48)
-        if len(boxes) > 0:
-            reg, points, probs = fixed_batch_process(crops, networks.onet)
-            passed = probs[:, 1] > mtcnn.thresholds[2]
-            boxes = torch.cat((boxes[passed, :4], probs[passed, 1:2]), dim=1)
-            image_inds, reg, points = image_inds[passed], reg[passed], points[passed]
-            box_width, box_height = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
-            points_x = box_width[:, None] * points[:, :5] + boxes[:, 0:1] - 1
-            points_y = box_height[:, None] * points[:, 5:] + boxes[:, 1:2] - 1
-            points = torch.stack((points_x, points_y), dim=2)
-            boxes = bbreg(boxes, reg)
-            pick = batched_nms_numpy(boxes[:, :4], boxes[:, 4], image_inds, 0.7, "Min")
-            boxes, image_inds, points = boxes[pick], image_inds[pick], points[pick]
-
-    boxes, points, image_inds = boxes.cpu().numpy(), points.cpu().numpy(), image_inds.cpu().numpy()
     return [(boxes[image_inds == i, :4], boxes[image_inds == i, 4], points[image_inds == i]) for i in range(len(batch))]
 
 
+def _normalised(pixels: np.ndarray) -> np.ndarray:
+    """MTCNN's input scaling, in float32 as facenet-pytorch does it."""
+    return (pixels - np.float32(127.5)) * np.float32(0.0078125)
+
+
+def _in_chunks(network: Callable, crops: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, ...]:
+    """`network` over the crops in chunks of at most `chunk` (facenet's `fixed_batch_process`: bounded memory)."""
+    parts = [network(crops[start:start + chunk]) for start in range(0, len(crops), chunk)]
+    return tuple(np.concatenate(outputs) for outputs in zip(*parts))
+
+
+def _nms(boxes: np.ndarray, groups: np.ndarray, threshold: float, block: int = 64) -> np.ndarray:
+    """torchvision's `batched_nms` (what facenet-pytorch calls) on boxes [x1, y1, x2, y2, score, ...], in numpy
+    with the same float32 arithmetic: the indices kept, best score first. Greedy within each group, best first:
+    a box is dropped when its IoU with a kept one exceeds `threshold`. Groups are kept apart as torchvision keeps
+    them (its coordinate trick, as it runs on up to 1,000 boxes: each group shifted past the last). Overlaps are
+    computed for `block` boxes at a time, those not dropped yet: memory in proportion to a group's size, and
+    little work for the many boxes an early one drops."""
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    corners = boxes[:, :4] + (groups.astype(np.float32) * (boxes[:, :4].max() + np.float32(1)))[:, None]
+    order = np.lexsort((-boxes[:, 4], groups))  # by group, best score first (stable: ties keep their order)
+    kept = []
+    edges = [0, *(np.flatnonzero(np.diff(groups[order])) + 1).tolist(), len(order)]
+    for members in (order[start:end] for start, end in zip(edges[:-1], edges[1:])):
+        x1, y1, x2, y2 = corners[members].T
+        areas = (x2 - x1) * (y2 - y1)
+        dropped = np.zeros(len(members), bool)
+        for start in range(0, len(members), block):
+            rows = start + np.flatnonzero(~dropped[start:start + block])
+            inter = (np.maximum(np.float32(0), np.minimum(x2[rows, None], x2) - np.maximum(x1[rows, None], x1))
+                     * np.maximum(np.float32(0), np.minimum(y2[rows, None], y2) - np.maximum(y1[rows, None], y1)))
+            overlaps = inter / (areas[rows, None] + areas - inter) > threshold
+            for row, overlap in zip(rows.tolist(), overlaps):
+                if not dropped[row]:
+                    kept.append(members[row])
+                    dropped |= overlap
+    kept = np.sort(np.asarray(kept, np.int64))  # torchvision's order: best score first, ties by position
+    return kept[np.argsort(-boxes[kept, 4], kind="stable")]
+
+
+def _nms_min(boxes: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
+    """facenet-pytorch's `batched_nms_numpy` with its "Min" overlap (intersection over the smaller box), O-Net's."""
+    from facenet_pytorch.models.utils.detect_face import nms_numpy
+
+    if len(boxes) == 0:
+        return np.zeros(0, np.int64)
+    offsets = groups.astype(np.float32) * (boxes[:, :4].max() + 1)  # boxes of different groups never overlap
+    return nms_numpy(boxes[:, :4] + offsets[:, None], boxes[:, 4], threshold, "Min").astype(np.int64)
+
+
+def _regressed(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
+    """facenet-pytorch's `bbreg`: boxes moved by the network's offsets (shares of the box's sides), in place."""
+    box_width, box_height = boxes[:, 2] - boxes[:, 0] + 1, boxes[:, 3] - boxes[:, 1] + 1
+    boxes[:, :4] = np.stack([boxes[:, 0] + reg[:, 0] * box_width, boxes[:, 1] + reg[:, 1] * box_height,
+                             boxes[:, 2] + reg[:, 2] * box_width, boxes[:, 3] + reg[:, 3] * box_height], 1)
+    return boxes
+
+
+def _squared(boxes: np.ndarray) -> np.ndarray:
+    """facenet-pytorch's `rerec`: each box made a square of its longer side about its centre, in place."""
+    box_height, box_width = boxes[:, 3] - boxes[:, 1], boxes[:, 2] - boxes[:, 0]
+    side = np.maximum(box_width, box_height)
+    boxes[:, 0] = boxes[:, 0] + box_width * 0.5 - side * 0.5
+    boxes[:, 1] = boxes[:, 1] + box_height * 0.5 - side * 0.5
+    boxes[:, 2:4] = boxes[:, :2] + side[:, None]
+    return boxes
+
+
 @functools.lru_cache(maxsize=8)
-def _pnet_cells(shapes: tuple[tuple[int, int, float], ...], device: str):
+def _pnet_cells(shapes: tuple[tuple[int, int, float], ...]):
     """P-Net's output cells on every pyramid level ((rows, columns, scale) each), in the order of its flattened
     answers concatenated: each cell's column, row, level's scale (float32, as facenet divides by it) and level
     index. The same for every image of a size, so the last few sizes' are kept (a 1280 px photo's take 2.5 MB)."""
-    import torch
-
     columns, rows, scales, levels = [], [], [], []
     for level, (height, width, scale) in enumerate(shapes):
-        row, column = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
-        columns.append(column.flatten())
-        rows.append(row.flatten())
-        scales.append(torch.full((height * width,), scale))
-        levels.append(torch.full((height * width,), level))
-    return tuple(torch.cat(parts).to(device=device, dtype=dtype) for parts, dtype in
-                 ((columns, torch.float32), (rows, torch.float32), (scales, torch.float32), (levels, torch.long)))
+        row, column = np.divmod(np.arange(height * width), width)
+        columns.append(column)
+        rows.append(row)
+        scales.append(np.full(height * width, scale))
+        levels.append(np.full(height * width, level))
+    return tuple(np.concatenate(parts).astype(dtype) for parts, dtype in
+                 ((columns, np.float32), (rows, np.float32), (scales, np.float32), (levels, np.int64)))
 
 
-def _summed_area_table(batch: np.ndarray, device):
+def _summed_area_table(batch: np.ndarray) -> np.ndarray:
     """(n, height + 1, width + 1, 3): [k, r, c] is the sum of image k's pixels above row r and left of column c,
     so any rectangle's sum is 4 lookups. Exact integers: int32 (half the memory traffic of float64, which the
     lookups are bound by) unless an image's total could overflow it."""
-    import torch
-
     depth = cv2.CV_32S if 255 * batch.shape[1] * batch.shape[2] < 2**31 else cv2.CV_64F
-    return torch.as_tensor(np.stack([cv2.integral(image, sdepth=depth) for image in batch]), device=device)
+    return np.stack([cv2.integral(image, sdepth=depth) for image in batch])
 
 
-def _box_crops(table, boxes, image_inds, size: int):
+def _box_crops(table: np.ndarray, boxes: np.ndarray, image_inds: np.ndarray, size: int):
     """The boxes facenet can crop, their image indices, and their crops resampled to size x size and scaled as
     the nets expect. Boxes are cut as facenet cuts them (its `pad`); one wholly outside its image has no crop,
     and facenet skips it."""
     height, width = table.shape[1] - 1, table.shape[2] - 1
-    edges = boxes[:, :4].trunc().long()  # facenet's `pad`, on the boxes' device
-    x, y, ex, ey = edges[:, 0].clamp_min(1), edges[:, 1].clamp_min(1), edges[:, 2].clamp_max(width), edges[:, 3].clamp_max(height)
+    edges = np.trunc(boxes[:, :4]).astype(np.int64)  # facenet's `pad`
+    x, y = np.maximum(edges[:, 0], 1), np.maximum(edges[:, 1], 1)
+    ex, ey = np.minimum(edges[:, 2], width), np.minimum(edges[:, 3], height)
     inside = (ey > y - 1) & (ex > x - 1)
     crops = area_resampled(table, image_inds[inside], y[inside] - 1, ey[inside], x[inside] - 1, ex[inside], size)
-    return boxes[inside], image_inds[inside], (crops - 127.5) * 0.0078125
+    return boxes[inside], image_inds[inside], _normalised(crops)
 
 
-def area_resampled(table, image_inds, top, bottom, left, right, size: int):
+def area_resampled(table: np.ndarray, image_inds, top, bottom, left, right, size: int) -> np.ndarray:
     """Crops [top:bottom, left:right] of the images whose `_summed_area_table` is `table`, each resampled to
     (channels, size, size) float32 exactly as `interpolate(crop, mode="area")`, all crops at once.
 
@@ -295,38 +366,35 @@ def area_resampled(table, image_inds, top, bottom, left, right, size: int):
     pixels, first_row = table.reshape(-1, channels), (image_inds * rows)[:, None, None]
 
     def corner(row, col):
-        return pixels.index_select(0, ((first_row + row[:, :, None]) * cols + col[:, None, :]).flatten())
+        return pixels.take(((first_row + row[:, :, None]) * cols + col[:, None, :]).ravel(), axis=0)
 
     sums = corner(row_to, col_to) - corner(row_from, col_to) - corner(row_to, col_from) + corner(row_from, col_from)
-    means = sums.reshape(len(top), size, size, channels).float()
-    means = means / (row_to - row_from)[:, :, None, None] / (col_to - col_from)[:, None, :, None]
-    return means.permute(0, 3, 1, 2)
+    means = sums.reshape(len(top), size, size, channels).astype(np.float32)
+    means = means / (row_to - row_from).astype(np.float32)[:, :, None, None] / (col_to - col_from).astype(np.float32)[:, None, :, None]
+    return means.transpose(0, 3, 1, 2)
 
 
-def whole_images_resampled(table, size: tuple[int, int]):
+def whole_images_resampled(table: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """The images whose `_summed_area_table` is `table`, resampled to (channels, height, width) exactly as
     `interpolate(images, size, mode="area")` (one pyramid level): every cell's sum from two gathers of whole
     rows, then two of columns, so the work is proportional to the level's size, not four lookups per cell."""
-    (row_from, row_to), (col_from, col_to) = (_level_edges(pixels, cells, str(table.device))
-                                              for pixels, cells in zip((table.shape[1] - 1, table.shape[2] - 1), size))
-    strips = table.index_select(1, row_to) - table.index_select(1, row_from)  # (n, height, cols, channels)
-    sums = strips.index_select(2, col_to) - strips.index_select(2, col_from)
-    means = sums.float() / (row_to - row_from)[None, :, None, None] / (col_to - col_from)[None, None, :, None]
-    return means.permute(0, 3, 1, 2)
+    (row_from, row_to, row_cells), (col_from, col_to, col_cells) = (
+        _level_edges(pixels, cells) for pixels, cells in zip((table.shape[1] - 1, table.shape[2] - 1), size))
+    strips = table.take(row_to, axis=1) - table.take(row_from, axis=1)  # (n, height, cols, channels)
+    sums = strips.take(col_to, axis=2) - strips.take(col_from, axis=2)
+    means = sums.astype(np.float32) / row_cells[None, :, None, None] / col_cells[None, None, :, None]
+    return means.transpose(0, 3, 1, 2)
 
 
 @functools.lru_cache(maxsize=256)
-def _level_edges(pixels: int, cells: int, device: str):
-    """`_cell_edges` of a whole axis of `pixels` in `cells`: the same for every image of a size, so kept."""
-    import torch
+def _level_edges(pixels: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`_cell_edges` of a whole axis of `pixels` in `cells`, and the cells' widths in float32: the same for every
+    image of a size, so kept."""
+    row_from, row_to = (edges[0] for edges in _cell_edges(np.zeros(1, np.int64), np.full(1, pixels), cells))
+    return row_from, row_to, (row_to - row_from).astype(np.float32)
 
-    zero = torch.zeros(1, dtype=torch.long, device=device)
-    return tuple(edges[0] for edges in _cell_edges(zero, zero + pixels, cells))
 
-
-def _cell_edges(start, end, size: int):
+def _cell_edges(start: np.ndarray, end: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """First and one-past-last pixel of each of `size` output cells over each range [start, end)."""
-    import torch
-
-    cells, length = torch.arange(size + 1, device=start.device), (end - start)[:, None]
+    cells, length = np.arange(size + 1), (end - start)[:, None]
     return start[:, None] + cells[:-1] * length // size, start[:, None] + (cells[1:] * length + size - 1) // size

@@ -64,5 +64,8 @@ class OnnxCpu:
         self.session = onnxruntime.InferenceSession(buffer.getvalue(), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self.session.run(None, {"x": np.ascontiguousarray(x.detach().numpy(), dtype=np.float32)})
-        return tuple(torch.from_numpy(output) for output in outputs)
+        return tuple(torch.from_numpy(output) for output in self.run(x.detach().numpy()))
+
+    def run(self, x: np.ndarray) -> list[np.ndarray]:
+        """The same on numpy arrays (what detection's glue holds)."""
+        return self.session.run(None, {"x": np.ascontiguousarray(x, dtype=np.float32)})

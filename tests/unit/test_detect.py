@@ -9,7 +9,11 @@ import pytest
 from c3ae_ray.detect import (
     DetectorConfig,
     FaceDetector,
+    Networks,
     _box_crops,
+    _detect_batch,
+    _nms,
+    _nms_min,
     _summed_area_table,
     area_resampled,
     whole_images_resampled,
@@ -89,6 +93,16 @@ def test_onnx_runtime_networks_give_stock_facenet_results(detector, photos):
     np.testing.assert_allclose(ours.landmarks, np.asarray(points, np.float64)[order], atol=1e-2)
 
 
+def test_pytorch_networks_find_what_onnx_runtime_finds(detector, photos):
+    # GPUs run facenet-pytorch's modules (`Networks.pytorch`) between the same numpy glue; here on the CPU
+    batch = photos["multiface.jpg"][None]
+    onnx = _detect_batch(detector.cfg, detector.networks, batch)[0]
+    pytorch = _detect_batch(detector.cfg, Networks.pytorch(detector.mtcnn, "cpu"), batch)[0]
+    assert len(onnx[0]) == len(pytorch[0]) >= 5
+    for ours, theirs in zip(onnx, pytorch):
+        np.testing.assert_allclose(ours, theirs, atol=1e-2)
+
+
 def test_large_images_are_detected_shrunk_and_mapped_back_exactly(photos):
     small = FaceDetector("cpu", DetectorConfig(max_side=400))
     image = photos["ivan.jpg"]  # 561 x 561 -> detected at 400 x 400
@@ -130,14 +144,15 @@ def test_batched_resampling_equals_facenets_interpolate_per_box():
     rng = np.random.default_rng(1)
     top, left = rng.integers(0, 69, 40), rng.integers(0, 89, 40)
     random_boxes = zip(top, top + rng.integers(1, 71 - top), left, left + rng.integers(1, 91 - left))
-    boxes = torch.tensor(edge_cases + list(random_boxes))
-    image_inds = torch.arange(len(boxes)) % 2
-    table = _summed_area_table(batch, "cpu")
-    for size, table in [(24, table), (48, table), (48, table.double())]:  # float64: the table of huge images
+    boxes = np.array(edge_cases + list(random_boxes))
+    image_inds = np.arange(len(boxes)) % 2
+    table = _summed_area_table(batch)
+    for size, table in [(24, table), (48, table), (48, table.astype(np.float64))]:  # float64: the table of huge images
         batched = area_resampled(table, image_inds, *boxes.T, size)
         for crop, k, (y0, y1, x0, x1) in zip(batched, image_inds, boxes.tolist()):
             expected = interpolate(imgs[k, :, y0:y1, x0:x1].unsqueeze(0), size=(size, size), mode="area")[0]
-            torch.testing.assert_close(crop, expected, rtol=1e-6, atol=1e-5)
+            assert crop.dtype == np.float32
+            torch.testing.assert_close(torch.as_tensor(crop), expected, rtol=1e-6, atol=1e-5)
 
 
 def test_pyramid_levels_equal_facenets_imresample():
@@ -146,16 +161,44 @@ def test_pyramid_levels_equal_facenets_imresample():
 
     batch = np.random.default_rng(2).integers(0, 256, (3, 75, 131, 3), dtype=np.uint8)
     imgs = torch.as_tensor(batch).permute(0, 3, 1, 2).float()  # as `_detect_batch` holds them
-    table = _summed_area_table(batch, "cpu")
+    table = _summed_area_table(batch)
     for size in [(46, 81), (33, 57), (12, 12), (75, 131), (90, 140)]:  # shrinking, whole, enlarging (levels >= 12 px)
-        assert torch.equal(whole_images_resampled(table, size), imresample(imgs, size))
+        assert torch.equal(torch.as_tensor(whole_images_resampled(table, size)), imresample(imgs, size))
 
 
 def test_boxes_wholly_outside_the_image_are_dropped_with_their_image_index():
-    import torch
-
     batch = np.zeros((2, 30, 40, 3), np.uint8)
-    boxes = torch.tensor([[-20.0, -20, -5, -5, 0.9], [2, 3, 20, 21, 0.8], [45, 0, 60, 15, 0.7], [30, 20, 50, 40, 0.6]])
-    kept, image_inds, crops = _box_crops(_summed_area_table(batch, "cpu"), boxes, torch.tensor([0, 1, 0, 1]), 24)
+    boxes = np.array([[-20.0, -20, -5, -5, 0.9], [2, 3, 20, 21, 0.8], [45, 0, 60, 15, 0.7], [30, 20, 50, 40, 0.6]], np.float32)
+    kept, image_inds, crops = _box_crops(_summed_area_table(batch), boxes, np.array([0, 1, 0, 1]), 24)
     assert kept[:, 4].tolist() == pytest.approx([0.8, 0.6]) and image_inds.tolist() == [1, 1]
-    assert crops.shape == (2, 3, 24, 24) and torch.all(crops == -127.5 * 0.0078125)
+    assert crops.shape == (2, 3, 24, 24) and np.all(crops == np.float32(-127.5 * 0.0078125))
+
+
+def _random_boxes(rng, n: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """n boxes [x1, y1, x2, y2, score] crowded on a 60 px square (many overlaps), scores with ties (as saturated
+    networks give), in `groups` groups."""
+    corner = rng.uniform(0, 60, (n, 2)).astype(np.float32)
+    side = rng.uniform(4, 30, (n, 1)).astype(np.float32)
+    scores = rng.choice(np.float32([0.61, 0.7, 0.95, 0.9999999, 1.0]), n) if n % 2 else rng.random(n).astype(np.float32)
+    return np.concatenate([corner, corner + side, scores[:, None]], 1), rng.integers(0, groups, n)
+
+
+@pytest.mark.parametrize("n, groups, threshold", [(0, 1, 0.5), (1, 1, 0.5), (40, 1, 0.7), (151, 6, 0.5), (600, 3, 0.7), (999, 40, 0.5)])
+def test_nms_equals_torchvisions_batched_nms(n, groups, threshold):
+    import torch
+    from torchvision.ops import batched_nms
+
+    rng = np.random.default_rng(n)
+    boxes, image_inds = _random_boxes(rng, n, groups)
+    expected = batched_nms(torch.as_tensor(boxes[:, :4]), torch.as_tensor(boxes[:, 4]), torch.as_tensor(image_inds), threshold)
+    assert _nms(boxes, image_inds, threshold, block=16).tolist() == expected.tolist()
+
+
+def test_nms_min_equals_facenets_batched_nms_numpy():
+    import torch
+    from facenet_pytorch.models.utils.detect_face import batched_nms_numpy
+
+    for n, groups in [(0, 1), (1, 1), (30, 1), (85, 4)]:
+        boxes, image_inds = _random_boxes(np.random.default_rng(n), n, groups)
+        expected = batched_nms_numpy(torch.as_tensor(boxes[:, :4]), torch.as_tensor(boxes[:, 4]), torch.as_tensor(image_inds), 0.7, "Min")
+        assert _nms_min(boxes, image_inds, 0.7).tolist() == expected.tolist()
