@@ -59,12 +59,17 @@ def jitter_boxes(
     return boxes + torch.cat([move, move], dim=-1)
 
 
-def affine_theta(boxes: torch.Tensor, region_size: int, angles: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+def affine_theta(boxes: torch.Tensor, region_size: int, angles: torch.Tensor | None = None, flips: torch.Tensor | None = None) -> torch.Tensor:
     """(N, S, 4) boxes in region pixels, angles (N,) in degrees, flips (N,) bool -> `affine_grid`'s theta
     (N, S, 2, 3) over the square region (align_corners=False). Each crop turns about its centre by the
-    angle (90: torch.rot90 of the unturned crop), then is mirrored left-right if flipped."""
+    angle (90: torch.rot90 of the unturned crop), then is mirrored left-right if flipped. Without angles and
+    flips (the inference crops) the boxes are only scaled and moved: the same theta, in a third of the calls."""
     centre = (boxes[..., :2] + boxes[..., 2:]) / region_size - 1
     half = (boxes[..., 2:] - boxes[..., :2]) / region_size  # half the side, in normalised units
+    if angles is None and flips is None:
+        zero = torch.zeros_like(centre[..., 0])
+        return torch.stack([torch.stack([half[..., 0], zero, centre[..., 0]], dim=-1),
+                            torch.stack([zero, half[..., 1], centre[..., 1]], dim=-1)], dim=-2)
     scale_x = half[..., 0] * (1 - 2 * flips.to(half.dtype))[:, None]
     scale_y = half[..., 1]
     radians = torch.deg2rad(angles.to(half.dtype))[:, None]
@@ -137,7 +142,7 @@ def crop_batch(
     device = regions.device
     boxes = boxes.to(device=device, dtype=torch.float32)
     rand = partial(torch.rand, generator=generator, device=device)
-    angles, flips = torch.zeros(n, device=device), torch.zeros(n, dtype=torch.bool, device=device)
+    angles = flips = None  # no turn, no mirror
     if augment is not None:
         boxes = jitter_boxes(boxes, region_size, augment.shift, generator)
         angles = torch.where(rand(n) < augment.p_rotate, (2 * rand(n) - 1) * augment.max_degrees, 0.0)

@@ -138,10 +138,11 @@ def _cell_means(start: int, side: int, size: int, n: int):
     weights = np.stack([1 - fraction[1:], fraction[1:], fraction[:-1] - 1, -fraction[:-1]], axis=1) / width
     periods, q = np.divmod(points, 2 * n)
     mirrored = q > n
-    columns = np.concatenate([np.full_like(q, n), np.where(mirrored, 2 * n - q, q)], axis=1)
-    values = np.concatenate([weights * (2 * periods + 2 * mirrored), weights * np.where(mirrored, -1.0, 1.0)], axis=1)
-    # eight entries in every row, given as CSR arrays (building from (row, column) pairs took a third of the region)
-    return sparse.csr_matrix((values.ravel(), columns.ravel(), np.arange(0, 8 * size + 1, 8)), shape=(size, n + 1))
+    columns = np.concatenate([np.full((size, 1), n), np.where(mirrored, 2 * n - q, q)], axis=1)
+    values = np.concatenate([(weights * (2 * periods + 2 * mirrored)).sum(axis=1, keepdims=True), weights * np.where(mirrored, -1.0, 1.0)], axis=1)
+    # five entries in every row (the axis's total, once, and the four points), given as CSR arrays (building from
+    # (row, column) pairs took a third of the region)
+    return sparse.csr_matrix((values.ravel(), columns.ravel(), np.arange(0, 5 * size + 1, 5)), shape=(size, n + 1))
 
 
 def _source_range(start: int, side: int, n: int) -> tuple[int, int]:

@@ -260,13 +260,16 @@ def _in_chunks(network: Callable, crops: np.ndarray, chunk: int = 512) -> tuple[
 def _nms(boxes: np.ndarray, groups: np.ndarray, threshold: float, block: int = 64) -> np.ndarray:
     """torchvision's `batched_nms` (what facenet-pytorch calls) on boxes [x1, y1, x2, y2, score, ...], in numpy
     with the same float32 arithmetic: the indices kept, best score first. Greedy within each group, best first:
-    a box is dropped when its IoU with a kept one exceeds `threshold`. Groups are kept apart as torchvision keeps
-    them (its coordinate trick, as it runs on up to 1,000 boxes: each group shifted past the last). Overlaps are
-    computed for `block` boxes at a time, those not dropped yet: memory in proportion to a group's size, and
-    little work for the many boxes an early one drops."""
+    a box is dropped when its IoU with a kept one exceeds `threshold`. Up to 1,000 boxes torchvision shifts each
+    group past the last (its coordinate trick), which rounds the coordinates: so do we. (Unlike it, boxes with
+    negative coordinates can never reach into another group.) Overlaps are computed for `block` boxes at a
+    time, those not dropped yet: memory in proportion to a group's size, and little work for the many boxes an
+    early one drops."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    corners = boxes[:, :4] + (groups.astype(np.float32) * (boxes[:, :4].max() + np.float32(1)))[:, None]
+    corners = boxes[:, :4]
+    if len(boxes) <= 1000:
+        corners = corners + (groups.astype(np.float32) * (corners.max() + np.float32(1)))[:, None]
     order = np.lexsort((-boxes[:, 4], groups))  # by group, best score first (stable: ties keep their order)
     kept = []
     edges = [0, *(np.flatnonzero(np.diff(groups[order])) + 1).tolist(), len(order)]

@@ -183,7 +183,8 @@ def _random_boxes(rng, n: int, groups: int) -> tuple[np.ndarray, np.ndarray]:
     return np.concatenate([corner, corner + side, scores[:, None]], 1), rng.integers(0, groups, n)
 
 
-@pytest.mark.parametrize("n, groups, threshold", [(0, 1, 0.5), (1, 1, 0.5), (40, 1, 0.7), (151, 6, 0.5), (600, 3, 0.7), (999, 40, 0.5)])
+@pytest.mark.parametrize("n, groups, threshold", [(0, 1, 0.5), (1, 1, 0.5), (40, 1, 0.7), (151, 6, 0.5), (600, 3, 0.7), (999, 40, 0.5),
+                                                  (1500, 7, 0.5)])  # over 1,000 torchvision loops over the groups
 def test_nms_equals_torchvisions_batched_nms(n, groups, threshold):
     import torch
     from torchvision.ops import batched_nms
