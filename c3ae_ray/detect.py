@@ -98,6 +98,7 @@ class Networks:
 
 
 def _on_device(module, device: str, batch: np.ndarray) -> tuple[np.ndarray, ...]:
+    """A PyTorch network on `device`, fed and read as numpy on the host."""
     import torch
 
     with torch.no_grad():
@@ -267,9 +268,7 @@ def _nms(boxes: np.ndarray, groups: np.ndarray, threshold: float, block: int = 6
     early one drops."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    corners = boxes[:, :4]
-    if len(boxes) <= 1000:
-        corners = corners + (groups.astype(np.float32) * (corners.max() + np.float32(1)))[:, None]
+    corners = _groups_apart(boxes[:, :4], groups) if len(boxes) <= 1000 else boxes[:, :4]
     order = np.lexsort((-boxes[:, 4], groups))  # by group, best score first (stable: ties keep their order)
     kept = []
     edges = [0, *(np.flatnonzero(np.diff(groups[order])) + 1).tolist(), len(order)]
@@ -296,8 +295,13 @@ def _nms_min(boxes: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndar
 
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    offsets = groups.astype(np.float32) * (boxes[:, :4].max() + 1)  # boxes of different groups never overlap
-    return nms_numpy(boxes[:, :4] + offsets[:, None], boxes[:, 4], threshold, "Min").astype(np.int64)
+    return nms_numpy(_groups_apart(boxes[:, :4], groups), boxes[:, 4], threshold, "Min").astype(np.int64)
+
+
+def _groups_apart(corners: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Box corners shifted by group x (the largest coordinate + 1), in float32 as torchvision and facenet-pytorch
+    shift them: boxes (with non-negative corners) of different groups never overlap."""
+    return corners + (groups.astype(np.float32) * (corners.max() + np.float32(1)))[:, None]
 
 
 def _regressed(boxes: np.ndarray, reg: np.ndarray) -> np.ndarray:
