@@ -15,6 +15,8 @@ import math
 from dataclasses import dataclass
 from functools import partial
 
+import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -147,7 +149,46 @@ def crop_batch(
         boxes = jitter_boxes(boxes, region_size, augment.shift, generator)
         angles = torch.where(rand(n) < augment.p_rotate, (2 * rand(n) - 1) * augment.max_degrees, 0.0)
         flips = rand(n) < augment.p_flip
+    if augment is None and device.type == "cpu":  # the inference crops on CPUs
+        return torch.from_numpy(_unturned_crops(regions.numpy(), boxes.numpy(), CROP_SIZE))
     crops = _sample(regions, affine_theta(boxes, region_size, angles, flips), CROP_SIZE)
     if augment is not None:
         crops = _erase(_colour(crops, augment, rand), augment, rand)
+    return crops
+
+
+@numba.njit(cache=True, nogil=True)
+def _unturned_crops(regions, boxes, size):
+    """`_sample` of boxes that are only scaled and moved (`affine_theta` without angles and flips): the same
+    bilinear sampling at pixel centres with reflect padding, as grid_sample computes it in float32 (equal within
+    float rounding; tested), without PyTorch. Unturned, each crop pixel's source row depends only on its row
+    and its source column only on its column, so both are computed once per box. On a CPU, a face's crops take
+    a quarter of `_sample`'s time (PyTorch's operators cost more than the arithmetic on three 64 x 64 crops)."""
+    n, boxes_per_face, side = boxes.shape[0], boxes.shape[1], regions.shape[1]
+    crops = np.empty((n, boxes_per_face, 3, size, size), np.float32)
+    low, weight_high = np.empty((2, size), np.int64), np.empty((2, size), np.float32)
+    one, half, length = np.float32(1), np.float32(0.5), np.float32(side)
+    for face in range(n):
+        for box in range(boxes_per_face):
+            for axis in range(2):  # x, then y
+                start, end = boxes[face, box, axis], boxes[face, box, axis + 2]
+                centre, scale = (start + end) / length - one, (end - start) / length
+                for k in range(size):
+                    grid = scale * (np.float32(2 * k + 1) / np.float32(size) - one) + centre  # affine_grid's
+                    distance = abs(((grid + one) * length - one) / np.float32(2) + half)  # in pixels, from -0.5
+                    flips = np.floor(distance / length)
+                    extra = distance - flips * length
+                    source = min(max(extra - half if flips % 2 == 0 else length - extra - half, np.float32(0)), length - one)
+                    low[axis, k] = int(np.floor(source))
+                    weight_high[axis, k] = source - np.float32(low[axis, k])
+            for channel in range(3):
+                for i in range(size):
+                    y0, wy1 = low[1, i], weight_high[1, i]
+                    y1, wy0 = min(y0 + 1, side - 1), one - wy1
+                    for j in range(size):
+                        x0, wx1 = low[0, j], weight_high[0, j]
+                        x1, wx0 = min(x0 + 1, side - 1), one - wx1
+                        value = (regions[face, y0, x0, channel] * (wx0 * wy0) + regions[face, y0, x1, channel] * (wx1 * wy0)
+                                 + regions[face, y1, x0, channel] * (wx0 * wy1) + regions[face, y1, x1, channel] * (wx1 * wy1))
+                        crops[face, box, channel, i, j] = min(max(value, np.float32(0)), np.float32(255))
     return crops

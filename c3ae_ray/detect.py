@@ -9,7 +9,8 @@ Two things make it fit for a pipeline:
   pyramid and R-Net's and O-Net's inputs (all candidate boxes at once) are resampled from one summed-area
   table per batch (`_detect_batch`), not level by level and box by box with `interpolate` as facenet-pytorch
   does; bit for bit the same values. P-Net's answers on all levels are read and NMS'd in one pass each, and
-  everything between the networks is numpy (on GPUs only the networks run there).
+  everything between the networks is numpy (on GPUs only the networks run there), its loops (resampling and
+  NMS) compiled by numba: in numpy's whole-array steps they took a fifth of a 200 x 200 photo's time.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import cv2
+import numba
 import numpy as np
 
 from c3ae_ray.config import check, resolve_device
@@ -181,8 +183,8 @@ def _detect_batch(cfg: DetectorConfig, networks: Networks, batch: np.ndarray) ->
       once (`_box_crops`) come from a summed-area table: facenet's `interpolate` call per box was over a quarter
       of detection time on 200 x 200 images, its pyramid a quarter on 448 x 448 ones;
     - P-Net's answers on all levels are read and NMS'd in one pass each;
-    - everything between the networks is numpy: on one photo's few boxes PyTorch's per-operator overhead made
-      that glue cost more than R-Net and O-Net together.
+    - everything between the networks is numpy, its loops compiled (`_area_means`, `_greedy`): on one photo's few
+      boxes PyTorch's per-operator overhead made that glue cost more than R-Net and O-Net together.
 
     batch: (n, height, width, 3) uint8 RGB -> per image (boxes (k, 4), scores (k,), landmarks (k, 5, 2)) float32.
     """
@@ -199,7 +201,7 @@ def _detect_batch(cfg: DetectorConfig, networks: Networks, batch: np.ndarray) ->
     # `generateBoundingBox` on every level at once), then NMS within each level and image (one call: each
     # (level, image) pair is its own group), then within each image
     table = _summed_area_table(batch)
-    levels = [networks.pnet(_normalised(whole_images_resampled(table, (int(height * scale + 1), int(width * scale + 1)))))
+    levels = [networks.pnet(whole_images_resampled(table, (int(height * scale + 1), int(width * scale + 1)), normalised=True))
               for scale in scales]
     columns, rows, cell_scales, cell_levels = _pnet_cells(tuple((*probs.shape[2:], scale) for (_, probs), scale in zip(levels, scales)))
     probs = np.concatenate([probs[:, 1].reshape(len(batch), -1) for _, probs in levels], 1)  # (n, cells)
@@ -247,46 +249,50 @@ def _detect_batch(cfg: DetectorConfig, networks: Networks, batch: np.ndarray) ->
     return [(boxes[image_inds == i, :4], boxes[image_inds == i, 4], points[image_inds == i]) for i in range(len(batch))]
 
 
-def _normalised(pixels: np.ndarray) -> np.ndarray:
-    """MTCNN's input scaling, in float32 as facenet-pytorch does it."""
-    return (pixels - np.float32(127.5)) * np.float32(0.0078125)
-
-
 def _in_chunks(network: Callable, crops: np.ndarray, chunk: int = 512) -> tuple[np.ndarray, ...]:
     """`network` over the crops in chunks of at most `chunk` (facenet's `fixed_batch_process`: bounded memory)."""
     parts = [network(crops[start:start + chunk]) for start in range(0, len(crops), chunk)]
     return tuple(np.concatenate(outputs) for outputs in zip(*parts))
 
 
-def _nms(boxes: np.ndarray, groups: np.ndarray, threshold: float, block: int = 64) -> np.ndarray:
-    """torchvision's `batched_nms` (what facenet-pytorch calls) on boxes [x1, y1, x2, y2, score, ...], in numpy
-    with the same float32 arithmetic: the indices kept, best score first. Greedy within each group, best first:
-    a box is dropped when its IoU with a kept one exceeds `threshold`. Up to 1,000 boxes torchvision shifts each
-    group past the last (its coordinate trick), which rounds the coordinates: so do we. (Unlike it, boxes with
-    negative coordinates can never reach into another group.) Overlaps are computed for `block` boxes at a
-    time, those not dropped yet: memory in proportion to a group's size, and little work for the many boxes an
-    early one drops."""
+def _nms(boxes: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
+    """torchvision's `batched_nms` (what facenet-pytorch calls) on boxes [x1, y1, x2, y2, score, ...], with the
+    same float32 arithmetic: the indices kept, best score first. Greedy within each group, best first (`_greedy`).
+    Up to 1,000 boxes torchvision shifts each group past the last (its coordinate trick), which rounds the
+    coordinates: so do we. (Unlike it, boxes with negative coordinates can never reach into another group.)"""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
     corners = _groups_apart(boxes[:, :4], groups) if len(boxes) <= 1000 else boxes[:, :4]
     order = np.lexsort((-boxes[:, 4], groups))  # by group, best score first (stable: ties keep their order)
-    kept = []
-    edges = [0, *(np.flatnonzero(np.diff(groups[order])) + 1).tolist(), len(order)]
-    for members in (order[start:end] for start, end in zip(edges[:-1], edges[1:])):
-        x1, y1, x2, y2 = corners[members].T
-        areas = (x2 - x1) * (y2 - y1)
-        dropped = np.zeros(len(members), bool)
-        for start in range(0, len(members), block):
-            rows = start + np.flatnonzero(~dropped[start:start + block])
-            inter = (np.maximum(np.float32(0), np.minimum(x2[rows, None], x2) - np.maximum(x1[rows, None], x1))
-                     * np.maximum(np.float32(0), np.minimum(y2[rows, None], y2) - np.maximum(y1[rows, None], y1)))
-            overlaps = inter / (areas[rows, None] + areas - inter) > threshold
-            for row, overlap in zip(rows.tolist(), overlaps):
-                if not dropped[row]:
-                    kept.append(members[row])
-                    dropped |= overlap
-    kept = np.sort(np.asarray(kept, np.int64))  # torchvision's order: best score first, ties by position
-    return kept[np.argsort(-boxes[kept, 4], kind="stable")]
+    edges = np.concatenate([[0], np.flatnonzero(np.diff(groups[order])) + 1, [len(order)]])
+    kept = np.flatnonzero(_greedy(np.ascontiguousarray(corners, np.float32), order, edges, float(threshold)))
+    return kept[np.argsort(-boxes[kept, 4], kind="stable")]  # torchvision's order: best score first, ties by position
+
+
+@numba.njit(cache=True, nogil=True)
+def _greedy(corners, order, edges, threshold):
+    """torchvision's CPU NMS kernel over each group (`order[edges[g]:edges[g + 1]]`, best first): whether each
+    box is kept. A box is dropped when its IoU with a kept one of its group exceeds `threshold` (in float32,
+    compared in float64, as there)."""
+    x1, y1, x2, y2 = corners[:, 0], corners[:, 1], corners[:, 2], corners[:, 3]
+    areas = (x2 - x1) * (y2 - y1)
+    kept, dropped = np.zeros(len(corners), np.bool_), np.zeros(len(corners), np.bool_)
+    zero = np.float32(0)
+    for group in range(len(edges) - 1):
+        for first in range(edges[group], edges[group + 1]):
+            i = order[first]
+            if dropped[i]:
+                continue
+            kept[i] = True
+            for later in range(first + 1, edges[group + 1]):
+                j = order[later]
+                if dropped[j]:
+                    continue
+                overlap = (max(zero, min(x2[i], x2[j]) - max(x1[i], x1[j]))
+                           * max(zero, min(y2[i], y2[j]) - max(y1[i], y1[j])))
+                if overlap / (areas[i] + areas[j] - overlap) > threshold:
+                    dropped[j] = True
+    return kept
 
 
 def _nms_min(boxes: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
@@ -355,53 +361,50 @@ def _box_crops(table: np.ndarray, boxes: np.ndarray, image_inds: np.ndarray, siz
     x, y = np.maximum(edges[:, 0], 1), np.maximum(edges[:, 1], 1)
     ex, ey = np.minimum(edges[:, 2], width), np.minimum(edges[:, 3], height)
     inside = (ey > y - 1) & (ex > x - 1)
-    crops = area_resampled(table, image_inds[inside], y[inside] - 1, ey[inside], x[inside] - 1, ex[inside], size)
-    return boxes[inside], image_inds[inside], _normalised(crops)
+    crops = area_resampled(table, image_inds[inside], y[inside] - 1, ey[inside], x[inside] - 1, ex[inside], size, normalised=True)
+    return boxes[inside], image_inds[inside], crops
 
 
-def area_resampled(table: np.ndarray, image_inds, top, bottom, left, right, size: int) -> np.ndarray:
+def area_resampled(table: np.ndarray, image_inds, top, bottom, left, right, size: int, normalised: bool = False) -> np.ndarray:
     """Crops [top:bottom, left:right] of the images whose `_summed_area_table` is `table`, each resampled to
-    (channels, size, size) float32 exactly as `interpolate(crop, mode="area")`, all crops at once.
-
-    Area resampling is adaptive average pooling: output cell i of n over L pixels averages pixels
-    floor(i * L / n) .. ceil((i + 1) * L / n) - 1. Each cell's sum is exact from the table; it is divided
-    in float32 by the cell's height, then its width, as PyTorch's pooling does, so results agree to the bit.
-    """
-    _, rows, cols, channels = table.shape
-    row_from, row_to = _cell_edges(top, bottom, size)
-    col_from, col_to = _cell_edges(left, right, size)
-    pixels, first_row = table.reshape(-1, channels), (image_inds * rows)[:, None, None]
-
-    def corner(row, col):
-        return pixels.take(((first_row + row[:, :, None]) * cols + col[:, None, :]).ravel(), axis=0)
-
-    sums = corner(row_to, col_to) - corner(row_from, col_to) - corner(row_to, col_from) + corner(row_from, col_from)
-    means = sums.reshape(len(top), size, size, channels).astype(np.float32)
-    means = means / (row_to - row_from).astype(np.float32)[:, :, None, None] / (col_to - col_from).astype(np.float32)[:, None, :, None]
-    return means.transpose(0, 3, 1, 2)
+    (channels, size, size) float32 exactly as `interpolate(crop, mode="area")` (`_area_means`), all crops at
+    once; `normalised`: scaled as MTCNN's networks take them ((x - 127.5) / 128, in float32 as facenet-pytorch
+    scales them)."""
+    return _area_means(table, *(np.asarray(v, np.int64) for v in (image_inds, top, bottom, left, right)), size, size, normalised)
 
 
-def whole_images_resampled(table: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+def whole_images_resampled(table: np.ndarray, size: tuple[int, int], normalised: bool = False) -> np.ndarray:
     """The images whose `_summed_area_table` is `table`, resampled to (channels, height, width) exactly as
-    `interpolate(images, size, mode="area")` (one pyramid level): every cell's sum from two gathers of whole
-    rows, then two of columns, so the work is proportional to the level's size, not four lookups per cell."""
-    (row_from, row_to, row_cells), (col_from, col_to, col_cells) = (
-        _level_edges(pixels, cells) for pixels, cells in zip((table.shape[1] - 1, table.shape[2] - 1), size))
-    strips = table.take(row_to, axis=1) - table.take(row_from, axis=1)  # (n, height, cols, channels)
-    sums = strips.take(col_to, axis=2) - strips.take(col_from, axis=2)
-    means = sums.astype(np.float32) / row_cells[None, :, None, None] / col_cells[None, None, :, None]
-    return means.transpose(0, 3, 1, 2)
+    `interpolate(images, size, mode="area")` (one pyramid level); `normalised` as in `area_resampled`."""
+    n, height, width = len(table), table.shape[1] - 1, table.shape[2] - 1
+    zeros = np.zeros(n, np.int64)
+    return _area_means(table, np.arange(n), zeros, np.full(n, height), zeros, np.full(n, width), *size, normalised)
 
 
-@functools.lru_cache(maxsize=256)
-def _level_edges(pixels: int, cells: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """`_cell_edges` of a whole axis of `pixels` in `cells`, and the cells' widths in float32: the same for every
-    image of a size, so kept."""
-    row_from, row_to = (edges[0] for edges in _cell_edges(np.zeros(1, np.int64), np.full(1, pixels), cells))
-    return row_from, row_to, (row_to - row_from).astype(np.float32)
-
-
-def _cell_edges(start: np.ndarray, end: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
-    """First and one-past-last pixel of each of `size` output cells over each range [start, end)."""
-    cells, length = np.arange(size + 1), (end - start)[:, None]
-    return start[:, None] + cells[:-1] * length // size, start[:, None] + (cells[1:] * length + size - 1) // size
+@numba.njit(cache=True, nogil=True)
+def _area_means(table, image_inds, top, bottom, left, right, height, width, normalised):
+    """Area resampling of rectangles, each to (channels, height, width) float32: adaptive average pooling,
+    where output cell i of n over L pixels averages pixels floor(i * L / n) .. ceil((i + 1) * L / n) - 1. Each
+    cell's sum is exact from the summed-area table; it is divided in float32 by the cell's height, then its
+    width, as PyTorch's pooling does, so results agree to the bit."""
+    channels = table.shape[3]
+    means = np.empty((len(top), channels, height, width), np.float32)
+    col_from, col_to, cell_width = np.empty(width, np.int64), np.empty(width, np.int64), np.empty(width, np.float32)
+    for box in range(len(top)):
+        image = table[image_inds[box]]
+        rows, cols = bottom[box] - top[box], right[box] - left[box]
+        for j in range(width):
+            col_from[j] = left[box] + j * cols // width
+            col_to[j] = left[box] + ((j + 1) * cols + width - 1) // width
+            cell_width[j] = col_to[j] - col_from[j]
+        for i in range(height):
+            row_from = top[box] + i * rows // height
+            row_to = top[box] + ((i + 1) * rows + height - 1) // height
+            cell_height = np.float32(row_to - row_from)
+            for j in range(width):
+                for channel in range(channels):
+                    total = (image[row_to, col_to[j], channel] - image[row_from, col_to[j], channel]
+                             - image[row_to, col_from[j], channel] + image[row_from, col_from[j], channel])
+                    mean = np.float32(total) / cell_height / cell_width[j]
+                    means[box, channel, i, j] = (mean - np.float32(127.5)) * np.float32(0.0078125) if normalised else mean
+    return means

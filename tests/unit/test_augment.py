@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from c3ae_ray.augment import AugmentConfig, affine_theta, crop_batch, jitter_boxes
+from c3ae_ray.augment import AugmentConfig, _sample, affine_theta, crop_batch, jitter_boxes
 from c3ae_ray.config import to_dict
 from c3ae_ray.crops import CropConfig, cut_region
 from tests.oracles import sample_crops
@@ -32,6 +32,12 @@ def default_boxes(n) -> torch.Tensor:
 
 def only(**changes) -> AugmentConfig:
     return replace(OFF, **changes)
+
+
+def unaugmented(regions, boxes) -> torch.Tensor:
+    """The crops the augmented path gives with everything off (grid_sample's, as augmented crops are cut): what
+    one augmentation is compared against."""
+    return crop_batch(regions, boxes, augment=OFF, generator=torch.Generator())
 
 
 def test_unaugmented_equals_sample_crops():
@@ -64,14 +70,31 @@ def test_unaugmented_equals_sample_crops_on_cut_regions():
 def test_everything_off_equals_no_augmentation():
     regions, boxes = torch.from_numpy(realistic_regions(3)), default_boxes(3)
     generator = torch.Generator().manual_seed(0)
-    assert torch.equal(crop_batch(regions, boxes, augment=OFF, generator=generator), crop_batch(regions, boxes))
+    augmented = crop_batch(regions, boxes, augment=OFF, generator=generator)
+    assert torch.equal(augmented, _sample(regions, affine_theta(boxes, R), 64))  # nothing drawn changes a crop
+    # the inference crops on CPUs come from `_unturned_crops`: the same sampling, equal within float rounding
+    torch.testing.assert_close(crop_batch(regions, boxes), augmented, rtol=0, atol=0.01)
+
+
+def test_unturned_crops_equal_grid_samples_anywhere():
+    """The CPU inference crops against grid_sample's: boxes inside, across the edges and many widths out
+    (reflected several times), shrinking and enlarging, non-square, at fractional positions."""
+    rng = np.random.default_rng(5)
+    regions = torch.from_numpy(realistic_regions(40, seed=5))
+    corners = rng.uniform(-300, 300, (40, 3, 2)).astype(np.float32)
+    boxes = torch.from_numpy(np.concatenate([corners, corners + rng.uniform(1, 500, (40, 3, 2)).astype(np.float32)], 2))
+    expected = _sample(regions, affine_theta(boxes, R), 64)
+    unturned = crop_batch(regions, boxes)
+    assert unturned.shape == expected.shape and unturned.dtype == torch.float32
+    difference = (unturned - expected).abs()
+    assert difference.max() < 0.05 and difference.mean() < 1e-3  # float32 rounding of far-out coordinates
 
 
 def test_flip_mirrors_every_crop():
     regions, boxes = torch.from_numpy(realistic_regions(3)), default_boxes(3)
     boxes[1] += 7.3  # fractional positions sample mirrored pixels exactly too
     flipped = crop_batch(regions, boxes, augment=only(p_flip=1.0), generator=torch.Generator().manual_seed(0))
-    plain = crop_batch(regions, boxes)
+    plain = unaugmented(regions, boxes)
     assert not torch.allclose(flipped, plain)
     torch.testing.assert_close(flipped, plain.flip(-1), atol=1e-3, rtol=0)
 
@@ -166,7 +189,7 @@ def test_colour_stays_in_range_and_is_shared_by_a_face():
 
 def test_erasing_fills_one_rectangle_per_crop():
     regions, boxes = torch.from_numpy(realistic_regions(20)), default_boxes(20)
-    plain = crop_batch(regions, boxes)
+    plain = unaugmented(regions, boxes)
     assert torch.equal(crop_batch(regions, boxes, augment=only(p_erase=0.0), generator=torch.Generator()), plain)
     erased = crop_batch(regions, boxes, augment=only(p_erase=1.0), generator=torch.Generator().manual_seed(0))
     changed = (erased != plain).any(dim=2)  # (N, S, 64, 64)

@@ -192,7 +192,7 @@ def test_nms_equals_torchvisions_batched_nms(n, groups, threshold):
     rng = np.random.default_rng(n)
     boxes, image_inds = _random_boxes(rng, n, groups)
     expected = batched_nms(torch.as_tensor(boxes[:, :4]), torch.as_tensor(boxes[:, 4]), torch.as_tensor(image_inds), threshold)
-    assert _nms(boxes, image_inds, threshold, block=16).tolist() == expected.tolist()
+    assert _nms(boxes, image_inds, threshold).tolist() == expected.tolist()
 
 
 def test_nms_min_equals_facenets_batched_nms_numpy():
