@@ -133,7 +133,7 @@ def crop_batch(
 ) -> torch.Tensor:
     """regions (N, R, R, 3) uint8 (channels last, as decoded), boxes (N, S, 4) float in region pixels
     -> crops (N, S, 3, 64, 64) float32 in 0..255, ready for C3AE. augment=None: the crops every stage infers
-    on (no rounding). Random numbers come from `generator` (on the inputs' device)."""
+    on (no rounding; on CPUs `_unturned_crops`). Random numbers come from `generator` (on the inputs' device)."""
     if regions.dim() != 4 or regions.shape[1] != regions.shape[2] or regions.shape[3] != 3:
         raise ValueError(f"regions must be (N, R, R, 3) square RGB regions, got shape {tuple(regions.shape)}")
     if regions.dtype != torch.uint8:
