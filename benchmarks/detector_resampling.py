@@ -1,6 +1,6 @@
 """MTCNN detection speed, one thread: our `_detect_batch` (the pyramid's levels and R-Net's and O-Net's inputs
 for all boxes at once, from a summed-area table) against facenet-pytorch's `MTCNN.detect` (one `interpolate` per
-level and per box), the same PyTorch networks (facenet-pytorch's modules; `c3ae` runs them in ONNX Runtime on
+level and per box), the same PyTorch networks (facenet-pytorch's weights; `c3ae` runs them in ONNX Runtime on
 CPUs, which this leaves out) and settings.
 
     .venv/bin/python benchmarks/detector_resampling.py [--images 400] [--batch 16] [--rounds 3] [--side 448]
@@ -47,11 +47,14 @@ def main() -> None:
     if args.side:
         images = [cv2.resize(image, (args.side, args.side), interpolation=cv2.INTER_CUBIC) for image in images]
     batches = [np.stack(images[i : i + args.batch]) for i in range(0, len(images), args.batch)]
+    from facenet_pytorch import MTCNN
+
     detector = FaceDetector("cpu")
-    mtcnn = detector.mtcnn
-    torch_networks = Networks.pytorch(mtcnn, "cpu")
+    stock = MTCNN(keep_all=True, select_largest=False, min_face_size=detector.cfg.min_face_size,
+                  thresholds=list(detector.cfg.thresholds), factor=detector.cfg.factor, device="cpu")
+    torch_networks = Networks.pytorch(detector.mtcnn, "cpu")
     contenders = {
-        "facenet": lambda batch: mtcnn.detect(batch, landmarks=True),
+        "facenet": lambda batch: stock.detect(batch, landmarks=True),
         "batched": lambda batch: _detect_batch(detector.cfg, torch_networks, batch),
     }
     for detect in contenders.values():

@@ -18,7 +18,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import pyarrow as pa
@@ -27,8 +27,10 @@ import pyarrow.fs as pafs
 from c3ae_ray import storage
 from c3ae_ray.config import UserError
 from c3ae_ray.images import DEFAULT_MAX_PIXELS
-from c3ae_ray.inference import ImageFailure, decode_all, release_free_memory
 from c3ae_ray.runtime import cluster_shape, pool_shape, ray_runtime
+
+if TYPE_CHECKING:  # the read tasks run this module without torch: the inference path is imported where used
+    from c3ae_ray.inference import ImageFailure
 
 MAX_FILE_BYTES = 256 * 2**20  # a larger file is an error row: no image under the pixel cap needs more
 PROGRESS_INTERVAL_S = 10.0  # a batch stage prints a progress line this often
@@ -72,6 +74,8 @@ def read_files(batch: pa.Table, filesystems: dict[str, pafs.FileSystem]) -> pa.T
 
 def decoded_inputs(records: list[dict], max_pixels: int = DEFAULT_MAX_PIXELS) -> list[np.ndarray | ImageFailure]:
     """Read rows -> the inference path's inputs: an image, or the failure the row already carries."""
+    from c3ae_ray.inference import ImageFailure, decode_all
+
     readable = [r for r in records if r["error"] is None]
     decoded = iter(decode_all([r["data"] for r in readable], max_pixels))
     return [ImageFailure(*r["error"].split(": ", 1)) if r["error"] is not None else next(decoded) for r in records]
@@ -106,6 +110,8 @@ class PoolWorker:
     def __call__(self, batch: pa.Table) -> pa.Table:
         self.calls += 1
         if self.calls % 16 == 0:
+            from c3ae_ray.inference import release_free_memory
+
             release_free_memory()
         rows = self.rows(batch.to_pylist())
         if self.tally is not None:

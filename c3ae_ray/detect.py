@@ -19,12 +19,16 @@ import functools
 from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numba
 import numpy as np
 
 from c3ae_ray.config import check, resolve_device
+
+if TYPE_CHECKING:  # torch is imported where a detector is built, not with this module
+    from c3ae_ray.mtcnn import Mtcnn
 
 
 @dataclass(frozen=True)
@@ -80,7 +84,7 @@ class Networks:
     onet: Callable
 
     @classmethod
-    def of(cls, mtcnn, device: str) -> "Networks":
+    def of(cls, mtcnn: Mtcnn, device: str) -> "Networks":
         """On CPUs facenet-pytorch's weights in ONNX Runtime (`onnx_cpu`); elsewhere `pytorch`."""
         if device != "cpu":
             return cls.pytorch(mtcnn, device)
@@ -93,8 +97,8 @@ class Networks:
                    OnnxCpu(mtcnn.onet, torch.zeros(2, 3, 48, 48), {0: "boxes"}).run)
 
     @classmethod
-    def pytorch(cls, mtcnn, device: str) -> "Networks":
-        """facenet-pytorch's own modules on `device`: only the networks run there, their inputs and answers are
+    def pytorch(cls, mtcnn: Mtcnn, device: str) -> "Networks":
+        """The PyTorch modules (`c3ae_ray.mtcnn`) on `device`: only the networks run there, their inputs and answers are
         copied from and to the host."""
         return cls(*(functools.partial(_on_device, module, device) for module in (mtcnn.pnet, mtcnn.rnet, mtcnn.onet)))
 
@@ -109,18 +113,11 @@ def _on_device(module, device: str, batch: np.ndarray) -> tuple[np.ndarray, ...]
 
 class FaceDetector:
     def __init__(self, device: str = "auto", cfg: DetectorConfig = DetectorConfig()):
-        from facenet_pytorch import MTCNN
+        from c3ae_ray.mtcnn import Mtcnn
 
         self.cfg = cfg
         self.device = resolve_device(device)
-        self.mtcnn = MTCNN(
-            keep_all=True,
-            select_largest=False,
-            min_face_size=cfg.min_face_size,
-            thresholds=list(cfg.thresholds),
-            factor=cfg.factor,
-            device=self.device,
-        )
+        self.mtcnn = Mtcnn.pretrained(self.device)
         self.networks = Networks.of(self.mtcnn, self.device)
 
     def detect_each(self, images: list[np.ndarray]) -> list["Faces | Exception"]:
@@ -296,12 +293,22 @@ def _greedy(corners, order, edges, threshold):
 
 
 def _nms_min(boxes: np.ndarray, groups: np.ndarray, threshold: float) -> np.ndarray:
-    """facenet-pytorch's `batched_nms_numpy` with its "Min" overlap (intersection over the smaller box), O-Net's."""
-    from facenet_pytorch.models.utils.detect_face import nms_numpy
-
+    """facenet-pytorch's `batched_nms_numpy` with its "Min" overlap (intersection over the smaller box), O-Net's:
+    its `nms_numpy`'s arithmetic and order, here so that detection never imports facenet_pytorch (`c3ae_ray.mtcnn`
+    says why)."""
     if len(boxes) == 0:
         return np.zeros(0, np.int64)
-    return nms_numpy(_groups_apart(boxes[:, :4], groups), boxes[:, 4], threshold, "Min").astype(np.int64)
+    x1, y1, x2, y2 = _groups_apart(boxes[:, :4], groups).T
+    areas = (x2 - x1 + 1) * (y2 - y1 + 1)
+    order = np.argsort(boxes[:, 4])  # ascending: the best is last
+    kept = []
+    while order.size > 0:
+        best, rest = order[-1], order[:-1]
+        kept.append(best)
+        width = np.maximum(0.0, np.minimum(x2[best], x2[rest]) - np.maximum(x1[best], x1[rest]) + 1)
+        height = np.maximum(0.0, np.minimum(y2[best], y2[rest]) - np.maximum(y1[best], y1[rest]) + 1)
+        order = rest[width * height / np.minimum(areas[best], areas[rest]) <= threshold]
+    return np.array(kept, np.int64)
 
 
 def _groups_apart(corners: np.ndarray, groups: np.ndarray) -> np.ndarray:

@@ -203,3 +203,27 @@ def test_nms_min_equals_facenets_batched_nms_numpy():
         boxes, image_inds = _random_boxes(np.random.default_rng(n), n, groups)
         expected = batched_nms_numpy(torch.as_tensor(boxes[:, :4]), torch.as_tensor(boxes[:, 4]), torch.as_tensor(image_inds), 0.7, "Min")
         assert _nms_min(boxes, image_inds, 0.7).tolist() == expected.tolist()
+
+
+def test_our_mtcnn_modules_answer_as_facenets_to_the_bit_and_detection_never_imports_facenet():
+    """`c3ae_ray.mtcnn` rebuilds facenet-pytorch's networks so that a detecting process skips importing it (and
+    torchvision): the same weights, the same answers, and neither package in a process that has detected."""
+    import subprocess
+    import sys
+
+    import torch
+    from facenet_pytorch.models.mtcnn import ONet, PNet, RNet
+
+    from c3ae_ray.mtcnn import Mtcnn
+
+    ours = Mtcnn.pretrained()
+    generator = torch.Generator().manual_seed(0)
+    for theirs, mine, shape in ((PNet(), ours.pnet, (2, 3, 37, 53)), (RNet(), ours.rnet, (5, 3, 24, 24)), (ONet(), ours.onet, (3, 3, 48, 48))):
+        x = torch.rand(shape, generator=generator) * 2 - 1
+        with torch.inference_mode():
+            expected, answers = theirs(x), mine(x)
+        assert len(answers) == len(expected) and all(torch.equal(a, b) for a, b in zip(answers, expected)), type(mine).__name__
+    script = ("import sys, numpy as np; from c3ae_ray.detect import FaceDetector; "
+              "FaceDetector('cpu').detect([np.full((64, 64, 3), 128, np.uint8)]); "
+              "print(sorted(m for m in ('facenet_pytorch', 'torchvision') if m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout.strip() == "[]"
