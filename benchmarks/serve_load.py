@@ -7,8 +7,8 @@ each measuring:
 - the limit: one process running `Estimator` (MTCNN, crops, C3AE; torch's default threads) on the decoded
   images in batches of 16, with no HTTP, no Ray and no JSON: images/s;
 - `c3ae serve` (its own local Ray, started afresh as a user starts it) with batching (--max-batch-size 16),
-  with batches of 1, with batching and two workers (detector, then model: `split_workers`, the GPU topology;
-  on CPUs `c3ae serve` runs one worker that does both), and with batching under Serve's default settings
+  with batches of 1, with batching and two workers behind the ingress (detector, then model: `split_workers`,
+  the GPU topology; on CPUs each replica of the ingress runs the whole path itself), and with batching under Serve's default settings
   (`c3ae serve` turns on Serve's high-throughput mode, `serving.high_throughput_settings`: here both switches
   =0); with --settings-one-at-a-time also without HAProxy (Serve's Python proxy) and without gRPC between
   deployments. For each, closed-loop clients at concurrency 1, 8 and 32 for --seconds each: requests/s,
@@ -156,7 +156,7 @@ def measure_server(name: str, settings: tuple, model: str, port: int, bodies: li
                   f"p95 {result['p95']:6.0f} ms, p99 {result['p99']:6.0f} ms, errors {result['errors']} of {result['n']}", flush=True)
         stats = requests.get(f"{url}/v1/stats", timeout=30).json()
         seen = {worker: stats[worker]["batches"] for worker in ("age_estimator", "face_finder", "age_predictor") if worker in stats}
-        print(f"    batch sizes seen by one replica of each worker (size: batches): {seen}", flush=True)
+        print(f"    batch sizes seen by one replica of each batching deployment (size: batches): {seen}", flush=True)
     finally:
         stop_server(server)
     return results, memory
@@ -228,7 +228,7 @@ def main() -> None:
             print(f"concurrency 32, {name}: {statistics.median(shares[name]):.0%} of the same round's in-process limit "
                   f"(rounds: {', '.join(f'{share:.0%}' for share in shares[name])}; goal >= 70%)")
     comparisons = {"batching vs batch size 1": ("batching", "batch size 1", " (goal >= 1.5x)"),
-                   "one worker vs two": ("batching", "batching, two workers", ""),
+                   "one deployment vs ingress and two workers": ("batching", "batching, two workers", ""),
                    "high-throughput mode vs Serve's default settings": ("batching", "batching, Serve's default settings", "")}
     for label, (one, other, goal) in comparisons.items():
         for level in LEVELS:

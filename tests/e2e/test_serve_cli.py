@@ -172,8 +172,8 @@ def kill_every(root: int, title: str) -> int:
 
 
 KILLED = {  # process title -> what the clients may see (docs/reliability.md states each promise)
-    "ray::ServeReplica:c3ae:AgeEstimator": "nothing: the ingress sends its requests again",
-    "ray::ServeReplica:c3ae:AgeAPI": "the requests it held: their connections close unanswered",
+    "ray::ServeReplica:c3ae:AgeAPI": "the requests it held: their connections close unanswered; the other replica "
+                                     "answers meanwhile",
     haproxy_binary(): "the requests it held and refused connections until Ray starts a new one; then, until it has "
                       "the app's route, 404s from Serve's fallback proxy",
 }
@@ -185,10 +185,11 @@ def test_c3ae_serve_answers_survives_killed_replicas_under_load_and_stops_on_sig
     The calm terminal: after the ready banner, 50 requests print a traffic line per interval, not Serve's lines
     per request (three each at INFO, which --log-level INFO brings back).
 
-    Then kill -9 of a worker replica (one of the two that detect and estimate), of the ingress replica and of
-    HAProxy in turn while 16 clients post photos: a lost worker costs no request; a lost ingress only the
-    requests it held at that moment (their connections close unanswered); a lost HAProxy the requests it held, then refused connections until its replacement
-    listens, then 404s from Serve's fallback proxy until it has the app's route. No request hangs past the
+    Then kill -9 of one of the two replicas (each answers HTTP, detects and estimates) and of HAProxy in turn
+    while 16 clients post photos: a lost replica costs only the requests it held at that moment (their
+    connections close unanswered; the detector and model deployments of `split_workers` cost none, which
+    tests/integration/test_serve.py checks); a lost HAProxy the requests it held, then refused connections until
+    its replacement listens, then 404s from Serve's fallback proxy until it has the app's route. No request hangs past the
     deadline, and each kill is followed by answers within RECOVERY_BOUND_S. Then SIGTERM under that load (as
     `docker stop` sends; Ctrl-C takes the same path) stops it within SHUTDOWN_BOUND_S."""
     port = free_port()
@@ -241,8 +242,7 @@ def test_c3ae_serve_answers_survives_killed_replicas_under_load_and_stops_on_sig
     print("failed requests and seconds to the first answer:",
           {title.split(":")[-1]: (len(failed[title]), round(recovered[title], 1)) for title in KILLED})
     print("what they got:", {title.split("/")[-1]: Counter(str(status) for _, _, status, _ in failed[title]) for title in KILLED})
-    worker, ingress, proxy = failed.values()
-    assert worker == [], worker
+    ingress, proxy = failed.values()
     # the requests it held, no more: HAProxy closes their connections. Now and then (about 1 run in 5) HAProxy sends
     # one more, in the moment before it marks the replica down, to Serve's own proxy, whose answer is its plain-text
     # 500 (nothing of ours runs there): allowed, but never our JSON error

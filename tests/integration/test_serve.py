@@ -9,7 +9,7 @@ import io
 import re
 import shutil
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import replace
 
 import numpy as np
@@ -37,7 +37,7 @@ def served(ray_session):
     (a two-worker run waits forever otherwise)."""
     from ray import serve
 
-    # one replica of the worker, so that /v1/stats counts every batch (it asks one replica)
+    # one replica, so that /v1/stats counts every batch (it asks one replica)
     cfg = ServeConfig(model=str(BUNDLED_MODEL), device="cpu", port=free_port(), max_batch_size=8, replicas=1)
     serve.start(http_options={"host": cfg.host, "port": cfg.port})
     serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
@@ -91,21 +91,32 @@ def test_every_face_of_the_shared_photos_gets_the_libraries_own_answer(served, s
         assert body["image"] == dict(zip(("width", "height"), Image.open(faces / name).size))
 
 
-def test_two_workers_the_gpu_topology_give_the_one_workers_answers(served, shared_data):
-    """`split_workers`: the detector half, then the model half, in two deployments (the default on GPUs), here
-    on the CPU: the same faces and ages as the one worker, and each half counts the batches it ran."""
+def test_two_workers_the_gpu_topology_give_the_cpu_topologys_answers(served, shared_data):
+    """`split_workers`: the detector half, then the model half, in two deployments behind the ingress (the
+    default on GPUs), here on the CPU: the same faces and ages as the ingress that runs both itself, and each
+    half counts the batches it ran. A worker replica killed under load costs no request there: the ingress
+    sends the requests it lost again (`AgeAPI.infer`)."""
+    import ray
+
     url, cfg = served
     photos = [(shared_data / "faces" / name).read_bytes() for name in ("multiface.jpg", "ivan.jpg", "no-faces.jpg")]
-    one_worker = [post_image(url, data).json()["faces"] for data in photos]
+    one_deployment = [post_image(url, data).json()["faces"] for data in photos]
     redeploy(replace(cfg, split_workers=True))
     try:
-        two_workers = [post_image(url, data).json()["faces"] for data in photos]
+        split = [post_image(url, data).json()["faces"] for data in photos]
         stats = requests.get(f"{url}/v1/stats", timeout=30).json()
+        with ThreadPoolExecutor(4) as pool:
+            answers = [pool.submit(post_image, url, photos[1]) for _ in range(48)]
+            wait(answers, return_when=FIRST_COMPLETED)  # answers flow; the rest are in flight or queued
+            [finder] = [actor for actor in ray.util.list_named_actors(all_namespaces=True) if "#FaceFinder#" in actor["name"]]
+            ray.kill(ray.get_actor(finder["name"], namespace=finder["namespace"]))
+            statuses = Counter(answer.result().status_code for answer in answers)
     finally:
         redeploy(cfg)
+    assert statuses == {200: 48}, statuses
     assert "age_estimator" not in stats and all(stats[w]["batches"] for w in ("face_finder", "age_predictor"))
-    assert [len(faces) for faces in two_workers] == [len(faces) for faces in one_worker] == [6, 1, 0]
-    for two, one in zip(sum(two_workers, []), sum(one_worker, [])):
+    assert [len(faces) for faces in split] == [len(faces) for faces in one_deployment] == [6, 1, 0]
+    for two, one in zip(sum(split, []), sum(one_deployment, [])):
         np.testing.assert_allclose(two["box"], one["box"], atol=0.06)
         assert abs(two["age"] - one["age"]) <= 0.05 and two["gender"] == one["gender"]
 
@@ -208,7 +219,7 @@ def test_concurrent_requests_share_batches(served, shared_data):
         answers = list(pool.map(lambda data: post_image(url, data), images))
     assert all(a.status_code == 200 for a in answers), [a.text for a in answers if a.status_code != 200]
     after = requests.get(f"{url}/v1/stats", timeout=30).json()
-    assert {"face_finder", "age_predictor"}.isdisjoint(after)  # on CPUs one worker detects and estimates
+    assert {"face_finder", "age_predictor"}.isdisjoint(after)  # on CPUs the ingress replica detects and estimates
     for worker in ("age_estimator",):
         new = {int(size): n - before[worker]["batches"].get(size, 0) for size, n in after[worker]["batches"].items()}
         assert sum(size * n for size, n in new.items()) == 24, (worker, new)
@@ -230,9 +241,14 @@ def test_overload_and_timeouts_answer_503_and_504_and_the_limits_change_in_place
         rejected = next(a for a in answers if a.status_code == 503)
         assert rejected.json()["error"]["code"] == "overloaded" and rejected.headers["retry-after"] == "1"
 
-        redeploy(replace(cfg, limits=replace(cfg.limits, timeout_s=0.001)))
-        answer = post_image(url, jpeg)
-        assert (answer.status_code, answer.json()["error"]["code"]) == (504, "timeout")
+        # The deadline bounds the wait for a batch (a batch that has started answers): 24 photos at once, at most
+        # 8 a batch, with 50 ms each to be taken up
+        redeploy(replace(cfg, limits=replace(cfg.limits, timeout_s=0.05)))
+        with ThreadPoolExecutor(24) as pool:
+            answers = list(pool.map(lambda _: post_image(url, jpeg), range(24)))
+        statuses = Counter(a.status_code for a in answers)
+        assert statuses[504] > 0 and set(statuses) <= {200, 504}, statuses
+        assert {a.json()["error"]["code"] for a in answers if a.status_code == 504} == {"timeout"}
     finally:
         redeploy(cfg)
     assert post_image(url, jpeg).status_code == 200
