@@ -243,12 +243,12 @@ def test_c3ae_serve_answers_survives_killed_replicas_under_load_and_stops_on_sig
           {title.split(":")[-1]: (len(failed[title]), round(recovered[title], 1)) for title in KILLED})
     print("what they got:", {title.split("/")[-1]: Counter(str(status) for _, _, status, _ in failed[title]) for title in KILLED})
     ingress, proxy = failed.values()
-    # the requests it held, no more: HAProxy closes their connections. Now and then (about 1 run in 5) HAProxy sends
-    # one more, in the moment before it marks the replica down, to Serve's own proxy, whose answer is its plain-text
-    # 500 (nothing of ours runs there): allowed, but never our JSON error
+    # the requests in flight there, no more (at most the 16 clients'): each gets its connection closed unanswered,
+    # or, where HAProxy had handed it to Serve's own proxy, that proxy's plain-text 500 (nothing of ours runs
+    # there; one CI run gave 3 and 5 of the 8): never our JSON error
     held = [entry for entry in ingress if entry[2] == "ConnectionError" and "RemoteDisconnected" in entry[3]]
     fallback = [entry for entry in ingress if entry[2] == 500 and entry[3].startswith("not JSON")]
-    assert 0 < len(held) <= 16 and len(fallback) <= 1 and len(held) + len(fallback) == len(ingress), ingress
+    assert 0 < len(ingress) <= 16 and len(held) + len(fallback) == len(ingress), ingress
     dropped = [entry for entry in proxy if "RemoteDisconnected" in str(entry[3])]
     assert len(dropped) <= 16 and any(entry[2] == "ConnectionError" for entry in proxy), proxy
     assert all(status == "ConnectionError" or (status == 404 and "not found" in why) for _, _, status, why in proxy), proxy
